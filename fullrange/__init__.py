@@ -1,0 +1,1 @@
+"""fullrange: full-range timestep distillation of ANN teachers into spiking networks."""
