@@ -1,0 +1,1 @@
+"""Triton kernels for fullrange, installed as fullrange.kernels (importable without a GPU)."""
