@@ -1,0 +1,274 @@
+"""Typed run configuration: YAML files, dotted command-line overrides, strict validation.
+
+A config file is YAML whose top-level keys are the sections of :class:`RunConfig`. A file may
+name ``base: other.yaml`` (relative to itself) to start from another file. Overrides are
+``section.key=value`` strings (``optim.lr=0.05``); values are parsed as YAML and then checked
+against the field's type. Unknown keys, wrong types and values outside a field's choices raise
+:class:`ConfigError` with the dotted key and what was expected, before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fullrange.atomic import write_text_atomic
+
+
+class ConfigError(ValueError):
+    """A config file, key or value is wrong; the message names it and what was expected."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "spiking_resnet_tiny"
+    T: int = 4                      # training timesteps (students); ignored for ANN teachers
+    num_classes: int = 10
+    in_channels: int = 1
+
+
+@dataclass
+class NeuronConfig:
+    decay: float = 0.5              # lambda: membrane decay
+    threshold: float = 1.0
+    reset: str = "hard"             # hard | soft
+    surrogate_alpha: float = 4.0    # slope of the sigmoid surrogate
+    detach_reset: bool = False
+    backend: str = "auto"           # auto (Triton on CUDA, torch elsewhere) | torch | triton
+
+
+@dataclass
+class DataConfig:
+    train_path: str = "data/fmnist/train.beton"
+    val_path: str = "data/fmnist/val.beton"
+    batch_size: int = 128           # global batch: split evenly across processes
+    val_batch_size: int = 500       # per process
+    num_workers: int = 2
+    os_cache: bool = True           # True: OS page cache (multi-GPU); False: FFCV process cache
+    pad: int = 4                    # padded random crop (pixels); 0 disables
+    flip: bool = True               # random horizontal flip
+    channels_last: bool = False
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 0.1                 # for the global batch
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 5e-4      # not applied to BatchNorm parameters or biases
+    epochs: int = 10
+    warmup_epochs: float = 0.0      # linear warmup, then cosine to 0 (per step)
+    grad_clip: float = 0.0          # max global grad norm; 0 disables
+
+
+@dataclass
+class LossConfig:
+    kind: str = "full_range"        # full_range | skd | tet | ce  (ANN teachers: ce)
+    alpha: float = 0.2              # weight of the teacher KD term
+    beta: float = 0.5               # weight of the self-distillation term
+    tau: float = 1.0                # temperature
+    sd_target: str = "ensemble"     # ensemble (paper) | correct_only (official code)
+
+
+@dataclass
+class TeacherConfig:
+    name: str = ""                  # registered ANN model name; "" for runs without a teacher
+    checkpoint: str = ""            # a state_dict file (torchvision key names), e.g. runs/x/model.pt
+    source: str = "live"            # live: the teacher runs in every step
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"
+    seed: int = 0
+    resume: bool = False
+    log_every: int = 50             # steps between metrics.jsonl lines
+    max_steps_per_epoch: int = 0    # 0: whole epochs; >0 truncates (smoke tests)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    neuron: NeuronConfig = field(default_factory=NeuronConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "neuron.reset": ("hard", "soft"),
+    "neuron.backend": ("auto", "torch", "triton"),
+    "loss.kind": ("full_range", "skd", "tet", "ce"),
+    "loss.sd_target": ("ensemble", "correct_only"),
+    "teacher.source": ("live",),
+}
+POSITIVE = ("model.T", "model.num_classes", "model.in_channels", "data.batch_size",
+            "data.val_batch_size", "optim.lr", "optim.epochs", "loss.tau")
+NON_NEGATIVE = ("data.num_workers", "data.pad", "optim.momentum", "optim.weight_decay",
+                "optim.warmup_epochs", "optim.grad_clip", "loss.alpha", "loss.beta",
+                "log_every", "max_steps_per_epoch", "seed", "neuron.surrogate_alpha")
+
+
+def _coerce(key: str, value: Any, typ: type) -> Any:
+    """Check ``value`` against a scalar field type, converting only what is unambiguous."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML reads "1e-3" as a string
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+    raise ConfigError(f"config key {key}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def _apply(obj: Any, values: dict, prefix: str = "") -> None:
+    """Set ``values`` (a nested dict) onto the dataclass ``obj``, strictly."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"config key {prefix.rstrip('.') or '<root>'}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(obj)}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown config key {dotted!r}; known keys here: {', '.join(fields)}")
+        current = getattr(obj, key)
+        if dataclasses.is_dataclass(current):
+            _apply(current, value, dotted + ".")
+        else:
+            setattr(obj, key, _coerce(dotted, value, type(current)))
+
+
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    """Read a config file, merging its ``base:`` chain (the file's own keys win)."""
+    if not path.is_file():
+        raise ConfigError(f"config file {path}: not found (expected a YAML file)")
+    if path.resolve() in seen:
+        raise ConfigError(f"config file {path}: 'base' chain loops back to itself")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path}: not valid YAML ({e})".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping at the top level")
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    merged = _read_yaml(path.parent / base, seen + (path.resolve(),))
+    _deep_update(merged, data)
+    return merged
+
+
+def _deep_update(dst: dict, src: dict) -> None:
+    for k, v in src.items():
+        if isinstance(v, dict) and isinstance(dst.get(k), dict):
+            _deep_update(dst[k], v)
+        else:
+            dst[k] = v
+
+
+def parse_override(text: str) -> dict:
+    """``'optim.lr=0.05'`` -> ``{'optim': {'lr': 0.05}}``."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected key=value, e.g. optim.lr=0.05")
+    key, raw = text.split("=", 1)
+    if not key:
+        raise ConfigError(f"override {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw else ""
+    except yaml.YAMLError:
+        value = raw
+    nested: dict = {}
+    node = nested
+    parts = key.split(".")
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def validate(cfg: RunConfig) -> None:
+    """Cross-field checks; raises ConfigError naming the key."""
+    for key, allowed in CHOICES.items():
+        value = get_key(cfg, key)
+        if value not in allowed:
+            raise ConfigError(f"config key {key}: expected one of {allowed}, got {value!r}")
+    for key in POSITIVE:
+        if get_key(cfg, key) <= 0:
+            raise ConfigError(f"config key {key}: expected > 0, got {get_key(cfg, key)!r}")
+    for key in NON_NEGATIVE:
+        if get_key(cfg, key) < 0:
+            raise ConfigError(f"config key {key}: expected >= 0, got {get_key(cfg, key)!r}")
+    if not 0.0 <= cfg.neuron.decay <= 1.0:
+        raise ConfigError(f"config key neuron.decay: expected a value in [0, 1], got {cfg.neuron.decay}")
+    if not cfg.name or "/" in cfg.name:
+        raise ConfigError(f"config key name: expected a non-empty name without '/', got {cfg.name!r}")
+    from fullrange.models import MODEL_NAMES, is_spiking
+
+    for key in ("model.name", "teacher.name"):
+        name = get_key(cfg, key)
+        if name and name not in MODEL_NAMES:
+            raise ConfigError(f"config key {key}: unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if not is_spiking(cfg.model.name) and cfg.loss.kind != "ce":
+        raise ConfigError(f"config key loss.kind: an ANN model ({cfg.model.name}) trains with 'ce', "
+                          f"got {cfg.loss.kind!r}")
+    if cfg.loss.kind in ("full_range", "skd"):
+        if not cfg.teacher.name or not cfg.teacher.checkpoint:
+            raise ConfigError(f"config keys teacher.name and teacher.checkpoint: loss {cfg.loss.kind!r} "
+                              "needs a teacher (a model name and a weights file)")
+        if is_spiking(cfg.teacher.name):
+            raise ConfigError(f"config key teacher.name: expected an ANN model, got spiking {cfg.teacher.name!r}")
+
+
+def get_key(cfg: RunConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> RunConfig:
+    """Build a validated RunConfig from a YAML file (or defaults when None) and overrides."""
+    cfg = RunConfig()
+    if path is not None:
+        _apply(cfg, _read_yaml(Path(path)))
+    for text in overrides:
+        _apply(cfg, parse_override(text))
+    validate(cfg)
+    return cfg
+
+
+def to_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(values: dict) -> RunConfig:
+    """Rebuild a RunConfig from :func:`to_dict` output (e.g. a run directory's config.yaml)."""
+    cfg = RunConfig()
+    _apply(cfg, values)
+    validate(cfg)
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: str | os.PathLike) -> None:
+    """Write the resolved config as YAML, atomically (temp file + rename)."""
+    write_text_atomic(Path(path), yaml.safe_dump(to_dict(cfg), sort_keys=False))

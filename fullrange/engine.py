@@ -1,0 +1,187 @@
+"""The training loop on accelerate: an ANN teacher (CE) or a spiking student with a live teacher.
+
+One function, :func:`train`, reads top to bottom: check inputs, build data/model/optimiser,
+resume if asked, then epochs of (train steps, validation over every T' <= T, checkpoint).
+Outputs in ``RUN = out_dir/name``: config.yaml (resolved), metrics.jsonl, checkpoints/ (the
+last epoch's accelerator state), model.pt (the last weights as a plain state_dict).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import nn
+
+from fullrange.atomic import torch_save_atomic
+from fullrange.batches import BatchPreparer
+from fullrange.checkpoint import Checkpointer
+from fullrange.config import ConfigError, RunConfig, save_config
+from fullrange.data import read_sidecar, train_loader, val_loader
+from fullrange.losses import student_loss
+from fullrange.metrics import MetricsLog
+from fullrange.models import build_model, is_spiking
+from fullrange.optim import build_optimizer, build_scheduler
+from fullrange.runtime import make_accelerator, seed_everything
+from fullrange.sweep import accuracies, all_reduce_counts, iterate_prepared, logits_over_time, prefix_counts
+
+
+def check_inputs(cfg: RunConfig, world_size: int) -> dict:
+    """Every check that needs no training: data files and their metadata against the config,
+    the teacher weights, the batch split and the run directory. Returns the train sidecar."""
+    metas = {}
+    for key in ("data.train_path", "data.val_path"):
+        path = Path(getattr(cfg.data, key.split(".")[1]))
+        if not path.is_file():
+            raise ConfigError(f"config key {key}: data file {path} not found (expected an FFCV .beton; "
+                              "write the bundled data with `python launcher/write_ffcv.py bundled fmnist data/fmnist`)")
+        try:
+            metas[key] = read_sidecar(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"config key {key}: {e}") from None
+    meta = metas["data.train_path"]
+    h, w, c = meta["shape"]
+    if c != cfg.model.in_channels:
+        raise ConfigError(f"config key model.in_channels: {cfg.data.train_path} has {c} channels, "
+                          f"config says {cfg.model.in_channels}")
+    if meta["num_classes"] != cfg.model.num_classes:
+        raise ConfigError(f"config key model.num_classes: {cfg.data.train_path} has {meta['num_classes']} "
+                          f"classes, config says {cfg.model.num_classes}")
+    if cfg.data.batch_size % world_size:
+        raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} does not split evenly "
+                          f"over {world_size} processes")
+    if cfg.teacher.name and cfg.loss.kind in ("full_range", "skd"):
+        load_teacher(cfg)
+    run_dir = cfg.run_dir
+    if not cfg.resume and ((run_dir / "checkpoints").exists() or (run_dir / "model.pt").exists()):
+        raise ConfigError(f"config key resume: run directory {run_dir} already holds a run; pass resume=true "
+                          "to continue it or choose another name=... (nothing was overwritten)")
+    return meta
+
+
+def load_teacher(cfg: RunConfig) -> nn.Module:
+    """The ANN teacher in eval mode with frozen weights, on the CPU."""
+    path = Path(cfg.teacher.checkpoint)
+    if not path.is_file():
+        raise ConfigError(f"config key teacher.checkpoint: teacher weights {path} not found "
+                          f"(expected a state_dict file for {cfg.teacher.name}, e.g. runs/<teacher>/model.pt)")
+    teacher = build_model(cfg.teacher.name, cfg.model.num_classes, cfg.model.in_channels)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        teacher.load_state_dict(state)
+    except Exception as e:  # noqa: BLE001 - any unreadable or mismatched file is the same user error
+        first = str(e).strip().splitlines()[0][:300]
+        raise ConfigError(f"config key teacher.checkpoint: {path} does not hold {cfg.teacher.name} weights "
+                          f"for {cfg.model.num_classes} classes ({type(e).__name__}: {first})") from None
+    teacher.eval().requires_grad_(False)
+    return teacher
+
+
+def weights_checksum(model: nn.Module) -> float:
+    """Sum of every floating-point parameter and buffer, in float64 (compares ranks)."""
+    return float(sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point()))
+
+
+def _progress(console: Console, enabled: bool) -> Progress:
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console, disable=not enabled, transient=False)
+
+
+def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
+    """Train the configured run; returns the run directory."""
+    acc = accelerator or make_accelerator()
+    console = Console(stderr=True)
+    main = acc.is_main_process
+    meta = check_inputs(cfg, acc.num_processes)
+    run_dir = cfg.run_dir
+    spiking = is_spiking(cfg.model.name)
+    T = cfg.model.T if spiking else 1
+    seed_everything(cfg.seed)
+
+    model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
+    if cfg.data.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    teacher = load_teacher(cfg).to(acc.device) if cfg.loss.kind in ("full_range", "skd") else None
+
+    per_process_batch = cfg.data.batch_size // acc.num_processes
+    train_batches = train_loader(cfg.data.train_path, per_process_batch, cfg.data.num_workers, cfg.seed,
+                                 distributed=acc.num_processes > 1, os_cache=cfg.data.os_cache)
+    val_batches = val_loader(cfg.data.val_path, cfg.data.val_batch_size, cfg.data.num_workers,
+                             acc.process_index, acc.num_processes)
+    steps_per_epoch = len(train_batches)
+    if cfg.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
+    if steps_per_epoch == 0:
+        raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} is larger than the training set "
+                          f"({meta['num_samples']} samples): no full batch per epoch")
+    prep = BatchPreparer(acc.device, meta["mean"], meta["std"], cfg.seed, cfg.data.pad, cfg.data.flip,
+                         cfg.data.channels_last)
+
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    model, optimizer = acc.prepare(model, optimizer)
+    acc.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
+    checkpointer = Checkpointer(run_dir, acc)
+
+    start_epoch, step = 0, 0
+    if cfg.resume and (last := checkpointer.latest()) is not None:
+        state = checkpointer.load(last)
+        start_epoch, step = state["epoch"], state["step"]
+        if main:
+            console.print(f"resuming {run_dir} from {last.name} (epoch {start_epoch}, step {step})")
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run_dir / "config.yaml")
+    log = MetricsLog(run_dir / "metrics.jsonl", main)
+    if main:
+        console.print(f"[bold]{cfg.name}[/]: {cfg.model.name} T={T} loss={cfg.loss.kind} on "
+                      f"{acc.num_processes} process(es), {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs")
+
+    with _progress(console, main) as progress:
+        task = progress.add_task(cfg.name, total=cfg.optim.epochs * steps_per_epoch,
+                                 completed=start_epoch * steps_per_epoch, info="")
+        for epoch in range(start_epoch, cfg.optim.epochs):
+            train_batches.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch)
+            model.train()
+            for i, (images, labels, indices) in enumerate(train_batches):
+                if i >= steps_per_epoch:
+                    break
+                x, y = prep.train(images, labels, indices, epoch)
+                with acc.autocast():
+                    z = logits_over_time(model, x, T, spiking)
+                    with torch.no_grad():
+                        z_a = teacher(x) if teacher is not None else None
+                    loss, parts = student_loss(cfg.loss.kind, z, y, z_a, cfg.loss.alpha, cfg.loss.beta,
+                                               cfg.loss.tau, cfg.loss.sd_target)
+                acc.backward(loss)
+                if cfg.optim.grad_clip:
+                    acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                if cfg.log_every and step % cfg.log_every == 0:
+                    values = acc.reduce(torch.stack([loss.detach(), *parts.values()]).float(), "mean").tolist()
+                    names = ["loss", *parts]
+                    log.write(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], **dict(zip(names, values)))
+                    progress.update(task, info=f"loss {values[0]:.3f}")
+                progress.advance(task)
+
+            counts = all_reduce_counts(
+                prefix_counts(acc.unwrap_model(model), iterate_prepared(val_batches, prep.eval), T, spiking,
+                              acc.autocast), acc.device)
+            result = accuracies(counts)
+            checksums = acc.gather(torch.tensor([weights_checksum(model)], dtype=torch.float64,
+                                                device=acc.device)).tolist()
+            log.write(step=step, epoch=epoch + 1, val_total=result["total"], val_top1=result["top1"][-1],
+                      val_top1_T1=result["top1"][0], val_top1_per_T=result["top1"], weights_checksums=checksums)
+            if main:
+                progress.console.print(f"epoch {epoch + 1}/{cfg.optim.epochs}: val top-1 {result['top1'][-1]:.2f}% "
+                                       f"at T={T}" + (f", {result['top1'][0]:.2f}% at T'=1" if T > 1 else ""))
+            checkpointer.save(epoch + 1, step)
+            if main:
+                torch_save_atomic(acc.unwrap_model(model).state_dict(), run_dir / "model.pt")
+    return run_dir

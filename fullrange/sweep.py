@@ -1,0 +1,133 @@
+"""Full-range evaluation: accuracy at every T' = 1..T_max from ONE forward pass at T_max.
+
+A spiking student is causal in time at inference (LIF state flows forward, BatchNorm uses
+running statistics), so the answer of a deployment with T' steps is the mean of the first T'
+logits of a single run at T_max: ``prefix_mean(z)[T'-1]``.
+
+Counting is exact in any world size: each rank scores its own shard of the validation set (no
+padding, see ``fullrange.data.val_loader``), and integer counts are summed across ranks.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fullrange.config import RunConfig, from_dict
+from fullrange.models import build_model, is_spiking
+
+TOPK = (1, 5)
+
+
+def prefix_mean(logits: torch.Tensor) -> torch.Tensor:
+    """[T, B, C] logits -> [T, B, C] where entry t is the mean of logits 0..t (float32)."""
+    T = logits.shape[0]
+    steps = torch.arange(1, T + 1, device=logits.device, dtype=torch.float32).view(T, 1, 1)
+    return logits.float().cumsum(0) / steps
+
+
+def logits_over_time(model: nn.Module, x: torch.Tensor, T: int, spiking: bool) -> torch.Tensor:
+    """Images [B, C, H, W] -> logits [T, B, C]; an ANN's [B, C] becomes [1, B, C]."""
+    return model(x, T) if spiking else model(x).unsqueeze(0)
+
+
+def topk_correct(prefix: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = TOPK) -> dict[int, torch.Tensor]:
+    """prefix [T, B, C], labels [B] -> {k: int64 [T] number of samples whose label is in the top k}."""
+    kmax = min(max(ks), prefix.shape[-1])
+    top = prefix.topk(kmax, dim=-1).indices  # [T, B, kmax]
+    hit = top == labels.view(1, -1, 1)
+    return {k: hit[..., :min(k, kmax)].any(-1).sum(1).long().cpu() for k in ks}
+
+
+@torch.no_grad()
+def prefix_counts(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], T_max: int,
+                  spiking: bool, autocast=None) -> dict:
+    """Correct counts at every T' for this process's batches (images float [B,C,H,W], labels [B]).
+
+    Returns {"top1": int64 [T_max], "top5": int64 [T_max], "total": int64 scalar} (local counts).
+    """
+    T = T_max if spiking else 1
+    counts = {f"top{k}": torch.zeros(T, dtype=torch.long) for k in TOPK}
+    total = torch.zeros((), dtype=torch.long)
+    was_training = model.training
+    model.eval()
+    for x, y in batches:
+        if autocast is not None:
+            with autocast():
+                z = logits_over_time(model, x, T, spiking)
+        else:
+            z = logits_over_time(model, x, T, spiking)
+        for k, c in topk_correct(prefix_mean(z), y).items():
+            counts[f"top{k}"] += c
+        total += y.shape[0]
+    model.train(was_training)
+    counts["total"] = total
+    return counts
+
+
+def all_reduce_counts(counts: dict, device: torch.device) -> dict:
+    """Sum integer counts over all ranks (identity when not distributed)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return counts
+    out = {}
+    for name, value in counts.items():
+        t = value.to(device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        out[name] = t.cpu()
+    return out
+
+
+def accuracies(counts: dict) -> dict:
+    """Counts -> {"total": N, "top1": [acc % per T'], "top5": [...]} (plain Python for JSON)."""
+    n = int(counts["total"])
+    return {"total": n, **{f"top{k}": [100.0 * int(c) / max(n, 1) for c in counts[f"top{k}"]] for k in TOPK}}
+
+
+def load_run(run_dir: Path) -> tuple[RunConfig, nn.Module]:
+    """A run directory's resolved config and its last weights (model.pt), on CPU."""
+    import yaml
+
+    run_dir = Path(run_dir)
+    cfg_path, weights = run_dir / "config.yaml", run_dir / "model.pt"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p}: not found (expected a run directory written by launcher/train.py)")
+    cfg = from_dict(yaml.safe_load(cfg_path.read_text()))
+    model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
+    model.load_state_dict(torch.load(weights, map_location="cpu", weights_only=True))
+    return cfg, model
+
+
+def iterate_prepared(loader: Iterable, prepare) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Loader batches (images uint8, labels, indices) -> (images float on device, labels on device)."""
+    for images, labels, _ in loader:
+        x, y = prepare(images, labels)
+        yield x, y
+
+
+def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | None = None,
+              batch_size: int | None = None, num_workers: int | None = None) -> dict:
+    """Accuracy at every T' = 1..T_max (default 2 x training T) of one run, exact over all ranks.
+
+    Collective: every rank calls it and scores its own shard of the validation set.
+    Returns {"T_train", "total", "top1": [..], "top5": [..]} (percent).
+    """
+    from fullrange.batches import BatchPreparer
+    from fullrange.data import read_sidecar, val_loader
+
+    cfg, model = load_run(run_dir)
+    spiking = is_spiking(cfg.model.name)
+    T_train = cfg.model.T if spiking else 1
+    T_max = (T_max or 2 * T_train) if spiking else 1
+    path = val_path or cfg.data.val_path
+    meta = read_sidecar(path)
+    loader = val_loader(path, batch_size or cfg.data.val_batch_size,
+                        cfg.data.num_workers if num_workers is None else num_workers,
+                        accelerator.process_index, accelerator.num_processes)
+    prep = BatchPreparer(accelerator.device, meta["mean"], meta["std"], cfg.seed, 0, False, cfg.data.channels_last)
+    model = model.to(accelerator.device)
+    counts = prefix_counts(model, iterate_prepared(loader, prep.eval), T_max, spiking, accelerator.autocast)
+    return {"T_train": T_train, **accuracies(all_reduce_counts(counts, accelerator.device))}
