@@ -19,17 +19,24 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 PY=.venv/bin/python
+pip_install() {  # quiet pip; drops this machine's notes about missing local mirrors
+    "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
+    return "${PIPESTATUS[0]}"
+}
 
 # A stamp of everything that decides the install; skip pip when nothing changed.
 stamp=".venv/.fullrange-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
     echo "[setup] installing into .venv (extras: $EXTRAS)"
-    $PY -m pip install -q --upgrade pip setuptools wheel
+    pip_install --upgrade pip setuptools wheel
     # CPU torch from the local wheel; cluster users install their CUDA build instead.
-    $PY -m pip install -q torch==2.13.0 triton==3.7.1 numpy pillow
+    pip_install torch==2.13.0 triton==3.7.1 numpy pillow
     # ffcv compiles against numpy, opencv and libturbojpeg; build it in this env.
-    $PY -m pip install -q --no-build-isolation "ffcv==1.0.2"
-    $PY -m pip install -q -e ".[$EXTRAS]"
+    pip_install --no-build-isolation "ffcv==1.0.2"
+    pip_install -e ".[$EXTRAS]"
+    if [[ ",$EXTRAS," == *",bench,"* ]]; then
+        pip_install --no-deps "spikingjelly==2.0.0"
+    fi
     rm -f .venv/.fullrange-setup-*
     touch "$stamp"
 fi

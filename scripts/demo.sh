@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# README command 1: set up (idempotent), then the whole user workflow on the bundled Fashion-MNIST:
+# write .beton files, train the ANN teacher, train the full-range student and the SKD baseline on
+# the same budget, and sweep both over T' = 1..2T (table + runs/demo/sweep.png).
+# Re-running resumes finished runs instead of retraining them. Extra arguments go to every
+# training run as overrides (e.g. optim.epochs=1).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh dev
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+PY=.venv/bin/python
+LAUNCH=(.venv/bin/accelerate launch --cpu --num_processes 1 --num_machines 1 --mixed_precision no --dynamo_backend no)
+OUT=runs/demo
+start=$(date +%s)
+
+$PY launcher/write_ffcv.py bundled fmnist data/fmnist
+"${LAUNCH[@]}" launcher/train.py configs/fmnist_teacher.yaml out_dir=$OUT resume=true "$@"
+for cfg in fmnist fmnist_skd; do
+    "${LAUNCH[@]}" launcher/train.py configs/$cfg.yaml out_dir=$OUT resume=true \
+        teacher.checkpoint=$OUT/fmnist_teacher/model.pt "$@"
+done
+"${LAUNCH[@]}" launcher/sweep.py $OUT/fmnist_fullrange $OUT/fmnist_skd --out $OUT/sweep
+echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/sweep.json, plot: $OUT/sweep.png"
