@@ -79,6 +79,18 @@ def load_teacher(cfg: RunConfig) -> nn.Module:
     return teacher
 
 
+def average_buffers(model: nn.Module, accelerator: Accelerator) -> None:
+    """Average floating-point buffers (BatchNorm running statistics) over ranks.
+
+    DDP keeps parameters equal, but each rank's last forward updates its own running
+    statistics; averaging them makes evaluation and the saved weights rank-independent."""
+    if accelerator.num_processes == 1:
+        return
+    for buf in model.buffers():
+        if buf.is_floating_point():
+            buf.copy_(accelerator.reduce(buf.detach().clone(), "mean"))
+
+
 def weights_checksum(model: nn.Module) -> float:
     """Sum of every floating-point parameter and buffer, in float64 (compares ranks)."""
     return float(sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point()))
@@ -170,6 +182,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
                     progress.update(task, info=f"loss {values[0]:.3f}")
                 progress.advance(task)
 
+            average_buffers(model, acc)
             counts = all_reduce_counts(
                 prefix_counts(acc.unwrap_model(model), iterate_prepared(val_batches, prep.eval), T, spiking,
                               acc.autocast), acc.device)

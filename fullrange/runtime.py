@@ -1,6 +1,7 @@
 """Process-level setup: the Accelerator (bf16 autocast on CUDA, fp32 on CPU), seeds, threads."""
 from __future__ import annotations
 
+import os
 import random
 from datetime import timedelta
 
@@ -10,9 +11,14 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 
 
 def make_accelerator(timeout_s: int = 1800) -> Accelerator:
+    """Accelerator for this process; the process group (gloo on CPU, nccl on CUDA) only when
+    launched with several processes (WORLD_SIZE > 1)."""
     cuda = torch.cuda.is_available()
-    pg = InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
-    return Accelerator(mixed_precision="bf16" if cuda else "no", kwargs_handlers=[pg])
+    handlers = []
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
+                                               timeout=timedelta(seconds=timeout_s)))
+    return Accelerator(mixed_precision="bf16" if cuda else "no", kwargs_handlers=handlers)
 
 
 def seed_everything(seed: int) -> None:
