@@ -81,9 +81,14 @@ def all_reduce_counts(counts: dict, device: torch.device) -> dict:
 
 
 def accuracies(counts: dict) -> dict:
-    """Counts -> {"total": N, "top1": [acc % per T'], "top5": [...]} (plain Python for JSON)."""
+    """Counts -> {"total": N, "top1": [acc % per T'], "top1_correct": [count per T'], "top5"...} (JSON-ready)."""
     n = int(counts["total"])
-    return {"total": n, **{f"top{k}": [100.0 * int(c) / max(n, 1) for c in counts[f"top{k}"]] for k in TOPK}}
+    out = {"total": n}
+    for k in TOPK:
+        correct = [int(c) for c in counts[f"top{k}"]]
+        out[f"top{k}"] = [100.0 * c / max(n, 1) for c in correct]
+        out[f"top{k}_correct"] = correct
+    return out
 
 
 def load_run(run_dir: Path) -> tuple[RunConfig, nn.Module]:
