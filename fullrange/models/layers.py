@@ -1,0 +1,80 @@
+"""Building blocks shared by the spiking students.
+
+Students run convolutions and BatchNorm on time-merged tensors [T*B, C, H, W] (t-major: row
+t*B + b holds sample b at step t). Every LIF sees the same memory viewed as [T, B, ...].
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+from torch import nn
+
+from fullrange.neuron import LIF
+
+
+class MergedLIF(LIF):
+    """LIF applied to a time-merged tensor: x[T*B, ...] -> spikes[T*B, ...] (same layout).
+
+    The tensor is viewed as [T, B, ...] (no copy for contiguous or channels_last inputs).
+    """
+
+    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
+        if x.shape[0] % T:
+            raise ValueError(f"MergedLIF: leading dim {x.shape[0]} is not a multiple of T={T}")
+        B = x.shape[0] // T
+        if x.dim() == 4 and not x.is_contiguous() and \
+                x.is_contiguous(memory_format=torch.channels_last):
+            xp = x.permute(0, 2, 3, 1)  # contiguous NHWC view; LIF is elementwise
+            out = super().forward(xp.view(T, B, *xp.shape[1:]))
+            return out.view(xp.shape).permute(0, 3, 1, 2)
+        x = x.contiguous()
+        return super().forward(x.view(T, B, *x.shape[1:])).view(x.shape)
+
+
+class TimeSequential(nn.Sequential):
+    """nn.Sequential whose children take (x, T); keeps torchvision-style keys (layer1.0.conv1)."""
+
+    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
+        for block in self:
+            x = block(x, T)
+        return x
+
+
+def encode_direct(x: torch.Tensor, T: Optional[int]) -> Tuple[torch.Tensor, int]:
+    """Direct encoding. Image x[B, C, H, W] -> x repeated T times as [T*B, C, H, W].
+
+    Event input x[T, B, C, H, W] is merged as is (T, if given, must equal x.shape[0]).
+    """
+    if x.dim() == 5:
+        if T is not None and T != x.shape[0]:
+            raise ValueError(f"event input has {x.shape[0]} timesteps but T={T} was requested")
+        T = x.shape[0]
+        return x.reshape(T * x.shape[1], *x.shape[2:]), T
+    if x.dim() != 4:
+        raise ValueError(f"spiking model input must be [B, C, H, W] or [T, B, C, H, W], "
+                         f"got shape {tuple(x.shape)}")
+    if T is None or isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"spiking model needs an integer number of timesteps T >= 1, got {T!r}")
+    B = x.shape[0]
+    return x.unsqueeze(0).expand(T, *x.shape).reshape(T * B, *x.shape[1:]), T
+
+
+def init_weights(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs, BN weight 1 / bias 0; Linear keeps PyTorch's default."""
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.BatchNorm1d)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+
+
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)

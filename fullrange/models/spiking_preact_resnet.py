@@ -1,0 +1,89 @@
+"""ImageNet pre-activation spiking ResNet-34 (student).
+
+    stem:  conv7x7/2 (with bias) -> BN -> maxpool 3x3/2          (no neuron in the stem)
+    block: LIF -> conv3x3 -> BN -> LIF -> conv3x3 -> BN, + identity or downsample(x)
+           (downsample = 1x1 conv + BN applied to the real-valued block input)
+    head:  LIF -> global average pool -> fc
+
+The residual stream stays real-valued: neurons sit only at the entry of each conv branch. The
+stream is spiked once more before pooling (choice: as the official pre-activation code does, so
+the classifier reads firing rates, not the unbounded real-valued stream; no extra BN there).
+forward(x[B, 3, H, W], T) -> logits[T, B, num_classes]; causal in time in eval mode.
+Default neuron: decay 0.2, soft reset (the ImageNet recipe); `neuron` keys override it.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from fullrange.models.layers import (MergedLIF, TimeSequential, conv1x1, conv3x3, encode_direct,
+                                     init_weights)
+
+IMAGENET_NEURON = {"decay": 0.2, "reset": "soft"}
+
+
+class SpikingPreActBlock(nn.Module):
+    """LIF-conv-BN-LIF-conv-BN + identity/downsample on [T*B, C, H, W] (real-valued stream)."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, neuron: dict) -> None:
+        super().__init__()
+        self.lif1 = MergedLIF(**neuron)
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.lif2 = MergedLIF(**neuron)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: Optional[nn.Sequential] = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(conv1x1(in_planes, planes, stride),
+                                            nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        out = self.bn1(self.conv1(self.lif1(x, T)))
+        out = self.bn2(self.conv2(self.lif2(out, T)))
+        return out + (x if self.downsample is None else self.downsample(x))
+
+
+class SpikingPreActResNet(nn.Module):
+    """Pre-activation spiking ResNet with the ImageNet stem (7x7/2 conv + max-pool)."""
+
+    def __init__(self, stage_blocks: Sequence[int], widths: Sequence[int], num_classes: int,
+                 in_channels: int = 3, neuron: Optional[dict] = None) -> None:
+        super().__init__()
+        neuron = {**IMAGENET_NEURON, **(neuron or {})}
+        stem = widths[0]
+        self.conv1 = nn.Conv2d(in_channels, stem, kernel_size=7, stride=2, padding=3, bias=True)
+        self.bn1 = nn.BatchNorm2d(stem)
+        self.maxpool = nn.MaxPool2d(kernel_size=3, stride=2, padding=1)
+        in_planes = stem
+        self.num_stages = len(widths)
+        for i, (n, w) in enumerate(zip(stage_blocks, widths)):
+            blocks = []
+            for j in range(n):
+                stride = 2 if (i > 0 and j == 0) else 1
+                blocks.append(SpikingPreActBlock(in_planes, w, stride, neuron))
+                in_planes = w
+            self.add_module(f"layer{i + 1}", TimeSequential(*blocks))
+        self.lif_out = MergedLIF(**neuron)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(in_planes, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
+        """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
+        x, T = encode_direct(x, T)
+        x = self.maxpool(self.bn1(self.conv1(x)))
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x, T)
+        x = torch.flatten(self.avgpool(self.lif_out(x, T)), 1)
+        x = self.fc(x)
+        return x.view(T, -1, x.shape[-1])
+
+
+def spiking_preact_resnet34(num_classes: int = 1000, in_channels: int = 3,
+                            neuron: Optional[dict] = None) -> SpikingPreActResNet:
+    """Pre-activation spiking ResNet-34: stages [3,4,6,3], widths 64/128/256/512."""
+    return SpikingPreActResNet((3, 4, 6, 3), (64, 128, 256, 512), num_classes, in_channels,
+                               neuron=neuron)

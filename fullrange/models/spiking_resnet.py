@@ -1,0 +1,130 @@
+"""CIFAR-style spiking ResNets (students): ResNet-18, ResNet-19 and a tiny one for 28x28 grey.
+
+    stem: conv3x3 -> BN -> LIF
+    BasicBlock: conv3x3 -> BN -> LIF -> conv3x3 -> BN, + shortcut (1x1 conv + BN when the shape
+                changes, else identity) -> LIF
+    head: global average pool -> [Linear -> LIF] -> Linear
+
+forward(x[B, C, H, W], T) -> logits[T, B, num_classes]. Direct encoding: the image is repeated T
+times and every conv/BN runs on [T*B, C, H, W]; each LIF sees [T, B, ...]. Module names follow
+torchvision (conv1, bn1, layerK.J.conv1, layerK.J.downsample.0/.1, fc) so ANN weights can seed a
+student. In eval mode the network is causal in time: logits at step t depend on steps <= t only.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+
+from fullrange.models.layers import (MergedLIF, TimeSequential, conv1x1, conv3x3, encode_direct,
+                                     init_weights)
+
+
+class SpikingBasicBlock(nn.Module):
+    """conv-BN-LIF-conv-BN (+ shortcut) -> LIF on [T*B, C, H, W]."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, neuron: dict) -> None:
+        super().__init__()
+        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.lif1 = MergedLIF(**neuron)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample: Optional[nn.Sequential] = None
+        if stride != 1 or in_planes != planes:
+            self.downsample = nn.Sequential(conv1x1(in_planes, planes, stride),
+                                            nn.BatchNorm2d(planes))
+        self.lif2 = MergedLIF(**neuron)
+
+    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        out = self.lif1(self.bn1(self.conv1(x)), T)
+        out = self.bn2(self.conv2(out))
+        out = out + (x if self.downsample is None else self.downsample(x))
+        return self.lif2(out, T)
+
+
+class SpikingResNet(nn.Module):
+    """Generic CIFAR-style spiking ResNet (3x3 stride-1 stem, no max-pool).
+
+    Args:
+        stage_blocks: blocks per stage, e.g. (2, 2, 2, 2).
+        widths: output channels per stage.
+        strides: stride of the first block of each stage (default 1, 2, 2, ...).
+        stem_channels: channels of the stem conv.
+        hidden: width of an optional hidden head Linear -> LIF before the classifier.
+        neuron: LIF keyword arguments (decay, threshold, reset, surrogate_alpha, detach_reset,
+            backend), shared by every neuron.
+    """
+
+    def __init__(self, stage_blocks: Sequence[int], widths: Sequence[int], num_classes: int,
+                 in_channels: int = 3, stem_channels: int = 64,
+                 strides: Optional[Sequence[int]] = None, hidden: Optional[int] = None,
+                 neuron: Optional[dict] = None) -> None:
+        super().__init__()
+        if len(stage_blocks) != len(widths):
+            raise ValueError(f"stage_blocks {tuple(stage_blocks)} and widths {tuple(widths)} "
+                             "must have the same length")
+        strides = tuple(strides) if strides is not None else (1,) + (2,) * (len(widths) - 1)
+        if len(strides) != len(widths):
+            raise ValueError(f"strides {strides} must have one entry per stage ({len(widths)})")
+        neuron = dict(neuron or {})
+        self.conv1 = conv3x3(in_channels, stem_channels)
+        self.bn1 = nn.BatchNorm2d(stem_channels)
+        self.lif1 = MergedLIF(**neuron)
+        in_planes = stem_channels
+        self.num_stages = len(widths)
+        for i, (n, w, s) in enumerate(zip(stage_blocks, widths, strides)):
+            blocks = []
+            for j in range(n):
+                blocks.append(SpikingBasicBlock(in_planes, w, s if j == 0 else 1, neuron))
+                in_planes = w
+            self.add_module(f"layer{i + 1}", TimeSequential(*blocks))
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        if hidden:
+            self.head_fc = nn.Linear(in_planes, hidden)
+            self.head_lif = MergedLIF(**neuron)
+            in_planes = hidden
+        else:
+            self.head_fc, self.head_lif = None, None
+        self.fc = nn.Linear(in_planes, num_classes)
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
+        """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
+        x, T = encode_direct(x, T)
+        x = self.lif1(self.bn1(self.conv1(x)), T)
+        for i in range(self.num_stages):
+            x = getattr(self, f"layer{i + 1}")(x, T)
+        x = torch.flatten(self.avgpool(x), 1)
+        if self.head_fc is not None:
+            x = self.head_lif(self.head_fc(x), T)
+        x = self.fc(x)
+        return x.view(T, -1, x.shape[-1])
+
+
+def spiking_resnet18_cifar(num_classes: int = 10, in_channels: int = 3,
+                           neuron: Optional[dict] = None) -> SpikingResNet:
+    """CIFAR ResNet-18: stem 64, widths 64/128/256/512, stages [2,2,2,2], GAP, Linear."""
+    return SpikingResNet((2, 2, 2, 2), (64, 128, 256, 512), num_classes, in_channels,
+                         stem_channels=64, neuron=neuron)
+
+
+def spiking_resnet19_cifar(num_classes: int = 10, in_channels: int = 3,
+                           neuron: Optional[dict] = None) -> SpikingResNet:
+    """ResNet-19: stem 128, widths 128/256/512, stages [3,3,2], head Linear(512,256)-LIF-Linear."""
+    return SpikingResNet((3, 3, 2), (128, 256, 512), num_classes, in_channels,
+                         stem_channels=128, hidden=256, neuron=neuron)
+
+
+TINY_STAGES = dict(stage_blocks=(1, 1, 1), widths=(16, 32, 64), strides=(2, 2, 1),
+                   stem_channels=16)
+"""Shape of the tiny ResNets (spiking and ANN) for 28x28 grey images: stem 16 ch at 28x28, one
+block per stage, widths 16/32/64 at 14x14/7x7/7x7. About 4.6 MMAC per image per timestep."""
+
+
+def spiking_resnet_tiny(num_classes: int = 10, in_channels: int = 1,
+                        neuron: Optional[dict] = None) -> SpikingResNet:
+    """Tiny spiking ResNet for 28x28 grey images (fast on 2 CPU cores); see TINY_STAGES."""
+    return SpikingResNet(num_classes=num_classes, in_channels=in_channels, neuron=neuron,
+                         **TINY_STAGES)

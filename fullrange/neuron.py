@@ -1,0 +1,320 @@
+"""Multi-step leaky integrate-and-fire (LIF) neuron.
+
+All tensors are time-major: ``x[T, ...]`` -> ``spikes[T, ...]``. Semantics (PAPER.md and the
+official code):
+
+    h_t = decay * v_{t-1} + x_t                 (v_0 = 0, no input decay)
+    s_t = H(h_t - threshold)                    (spike when h_t >= threshold)
+    hard reset: v_t = h_t * (1 - s_t)           soft reset: v_t = h_t - threshold * s_t
+    surrogate:  ds/dh = a * sig(a (h - threshold)) * (1 - sig(a (h - threshold)))
+
+The reset is part of the graph unless ``detach_reset=True``. The backward runs in reverse time
+(g_s: gradient arriving at the spikes, sg: surrogate at h_t, lam: decay):
+
+    hard: g_h_t = g_s_t * sg + lam * g_h_{t+1} * (1 - s_t - h_t * sg)      detached: (1 - s_t)
+    soft: g_h_t = g_s_t * sg + lam * g_h_{t+1} * (1 - threshold * sg)      detached: 1
+    g_x_t = g_h_t
+
+Backends: ``"torch"`` is the autograd Function below (a loop over T of fused in-place ATen ops;
+only ``h - threshold`` is saved, in x's dtype); ``"triton"`` is
+``fullrange.kernels.lif.lif_multistep_triton`` (CUDA); ``"auto"`` takes Triton for CUDA tensors
+when it imports, else torch. Half/bf16 inputs are integrated in fp32 and spikes are returned in
+the input dtype.
+
+Numerics of the torch backend: the charge is evaluated as ``decay * v`` then ``+ x`` (two
+roundings, no fused multiply-add), so its spikes are bit-identical to a plain PyTorch loop of
+the formulas (see lif_membrane). Without autograd (no_grad, or x not requiring grad) nothing is
+saved. For half inputs the saved h - threshold is rounded to fp16, so a spike recomputed in the
+backward can disagree with the forward only when |h - threshold| is below fp16's resolution.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+RESETS = ("hard", "soft")
+BACKENDS = ("auto", "torch", "triton")
+_LOW_PRECISION = (torch.float16, torch.bfloat16)
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+__all__ = ["LIF", "lif", "lif_multistep", "lif_membrane", "resolve_backend", "check_lif_args",
+           "RESETS", "BACKENDS"]
+
+
+def check_lif_args(decay: float, threshold: float, reset: str, surrogate_alpha: float,
+                   detach_reset: bool, backend: str = "auto") -> None:
+    """Raise ValueError (one line: which argument, what value, what was expected) on bad args."""
+    def _finite_number(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"LIF {name} must be a real number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"LIF {name} must be finite, got {value!r}")
+
+    _finite_number("decay", decay)
+    _finite_number("threshold", threshold)
+    _finite_number("surrogate_alpha", surrogate_alpha)
+    if not 0.0 <= decay <= 1.0:
+        raise ValueError(f"LIF decay must be in [0, 1], got {decay!r}")
+    if threshold <= 0.0:
+        raise ValueError(f"LIF threshold must be > 0, got {threshold!r}")
+    if surrogate_alpha <= 0.0:
+        raise ValueError(f"LIF surrogate_alpha must be > 0, got {surrogate_alpha!r}")
+    if reset not in RESETS:
+        raise ValueError(f"LIF reset must be one of {RESETS}, got {reset!r}")
+    if not isinstance(detach_reset, bool):
+        raise ValueError(f"LIF detach_reset must be a bool, got {detach_reset!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"LIF backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def _check_input(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"LIF input must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("LIF input must be time-major [T, ...] with at least one dimension, "
+                         "got a 0-d tensor")
+    if not x.is_floating_point():
+        raise ValueError(f"LIF input must be floating point, got {x.dtype}")
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in _LOW_PRECISION else dtype
+
+
+def _lif_forward(x: torch.Tensor, decay: float, threshold: float, hard: bool,
+                 save_h: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Forward loop over T: (spikes, h - threshold or None). x must be contiguous."""
+    T = x.shape[0]
+    spikes = torch.empty_like(x, memory_format=torch.contiguous_format)
+    h_minus_th = torch.empty_like(spikes) if save_h else None
+    if T == 0:
+        return spikes, h_minus_th
+    low_precision = x.dtype in _LOW_PRECISION
+    # State buffer: v_{t-1}, then h_t after charging, then v_t after the reset.
+    h = torch.empty(x.shape[1:], dtype=_compute_dtype(x.dtype), device=x.device)
+    for t in range(T):
+        if t == 0:
+            cur = h.copy_(x[0]) if low_precision else x[0]  # v_0 = 0 -> h_1 = x_1
+        else:
+            # decay * v + x with the two roundings of the formula (no fused multiply-add), so
+            # the spikes are bit-identical to a plain `decay * v + x` loop.
+            cur = h.mul_(decay).add_(x[t])
+        if h_minus_th is not None:
+            torch.sub(cur, threshold, out=h_minus_th[t])
+        torch.ge(cur, threshold, out=spikes[t])
+        if t + 1 < T:  # the final reset is never observed
+            if hard:
+                torch.addcmul(cur, cur, spikes[t], value=-1.0, out=h)  # h * (1 - s)
+            else:
+                torch.add(cur, spikes[t], alpha=-threshold, out=h)  # h - theta * s
+    return spikes, h_minus_th
+
+
+class _LIFMultiStep(torch.autograd.Function):
+    """Torch backend: a forward loop over T saving only h - threshold; a reverse-time backward."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, decay: float, threshold: float, hard: bool,
+                alpha: float, detach_reset: bool) -> torch.Tensor:
+        spikes, h_minus_th = _lif_forward(x.contiguous(), decay, threshold, hard, save_h=True)
+        ctx.save_for_backward(h_minus_th)
+        ctx.lif = (decay, threshold, hard, alpha, detach_reset)
+        return spikes
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_spikes: torch.Tensor):
+        (h_minus_th,) = ctx.saved_tensors
+        decay, threshold, hard, alpha, detach_reset = ctx.lif
+        grad_x = _lif_backward(grad_spikes.contiguous(), h_minus_th, decay, threshold, hard,
+                               alpha, detach_reset)
+        return grad_x, None, None, None, None, None
+
+
+def _lif_backward(grad_s: torch.Tensor, h_minus_th: torch.Tensor, decay: float, threshold: float,
+                  hard: bool, alpha: float, detach_reset: bool) -> torch.Tensor:
+    """Reverse-time LIF backward from the saved h - threshold. Returns grad_x in h's dtype.
+
+    With p = sigmoid(alpha * (h - theta)) the surrogate is sg = alpha * p * (1 - p). Writing
+    G = g_h_{t+1} / alpha for the running state (zero after the last step), one step is
+        hard:          G <- p(1-p) * (g_s - lam*alpha*h*G) + lam * (1 - s) * G
+        hard detached: G <- p(1-p) * g_s                   + lam * (1 - s) * G
+        soft:          G <- p(1-p) * (g_s - lam*alpha*theta*G) + lam * G
+        soft detached: G <- p(1-p) * g_s                       + lam * G
+    and grad_x[t] = alpha * G. Keeping G scaled by 1/alpha lets sigmoid_backward (q*p*(1-p))
+    do the surrogate product in one fused op.
+    """
+    T = h_minus_th.shape[0]
+    grad_x = torch.empty_like(h_minus_th)
+    if T == 0:
+        return grad_x
+    cdt = _compute_dtype(h_minus_th.dtype)
+    shape, dev = h_minus_th.shape[1:], h_minus_th.device
+    p = torch.empty(shape, dtype=cdt, device=dev)
+    q = torch.empty(shape, dtype=cdt, device=dev)
+    acc = torch.empty(shape, dtype=cdt, device=dev)
+    # half/bf16: widen the saved h - theta once per step so every product runs in fp32
+    hm32 = torch.empty(shape, dtype=cdt, device=dev) if cdt != h_minus_th.dtype else None
+    sig_bwd = torch.ops.aten.sigmoid_backward.grad_input
+    lam, a = decay, alpha
+    for t in range(T - 1, -1, -1):
+        hm = h_minus_th[t] if hm32 is None else hm32.copy_(h_minus_th[t])
+        gs = grad_s[t]
+        torch.mul(hm, a, out=p)
+        torch.sigmoid(p, out=p)
+        if t == T - 1:
+            sig_bwd(gs, p, grad_input=acc)
+        elif detach_reset:
+            sig_bwd(gs, p, grad_input=q)
+            if hard:
+                torch.lt(hm, 0.0, out=p)  # 1 - s
+                torch.addcmul(q, p, acc, value=lam, out=acc)
+            else:
+                torch.add(q, acc, alpha=lam, out=acc)
+        elif hard:
+            torch.add(hm, threshold, out=q)  # h
+            torch.addcmul(gs, acc, q, value=-lam * a, out=q)
+            sig_bwd(q, p, grad_input=q)
+            torch.lt(hm, 0.0, out=p)  # 1 - s
+            torch.addcmul(q, p, acc, value=lam, out=acc)
+        else:
+            torch.add(gs, acc, alpha=-lam * a * threshold, out=q)
+            sig_bwd(q, p, grad_input=q)
+            torch.add(q, acc, alpha=lam, out=acc)
+        torch.mul(acc, a, out=grad_x[t])
+    return grad_x
+
+
+def lif_multistep(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0,
+                  reset: str = "hard", surrogate_alpha: float = 4.0,
+                  detach_reset: bool = False) -> torch.Tensor:
+    """LIF over time on the torch backend: x[T, ...] -> spikes[T, ...] (x's dtype).
+
+    Differentiable through the sigmoid surrogate (see module docstring). Half/bf16 inputs are
+    integrated in fp32; float64 stays float64. Only h - threshold is saved for backward.
+    """
+    check_lif_args(decay, threshold, reset, surrogate_alpha, detach_reset)
+    _check_input(x)
+    return _lif_torch(x, decay, threshold, reset, surrogate_alpha, detach_reset)
+
+
+def _lif_torch(x, decay, threshold, reset, surrogate_alpha, detach_reset):
+    if not (x.requires_grad and torch.is_grad_enabled()):  # inference: nothing to save
+        return _lif_forward(x.contiguous(), float(decay), float(threshold), reset == "hard",
+                            save_h=False)[0]
+    return _LIFMultiStep.apply(x, float(decay), float(threshold), reset == "hard",
+                               float(surrogate_alpha), detach_reset)
+
+
+@torch.no_grad()
+def lif_membrane(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0,
+                 reset: str = "hard", surrogate_alpha: float = 4.0,
+                 detach_reset: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Plain-loop LIF for tests and analysis (no autograd): x[T, ...] -> (spikes, h, v).
+
+    h[t] is the membrane after charging and before firing, v[t] after the reset. spikes are in
+    x's dtype; h and v in the compute dtype (fp32 for half/bf16, else x's dtype).
+    surrogate_alpha and detach_reset only affect gradients; they are accepted (and validated)
+    so the call mirrors lif_multistep.
+    """
+    check_lif_args(decay, threshold, reset, surrogate_alpha, detach_reset)
+    _check_input(x)
+    cdt = _compute_dtype(x.dtype)
+    xs = x.to(cdt)
+    h_seq = torch.empty_like(xs, memory_format=torch.contiguous_format)
+    v_seq = torch.empty_like(h_seq)
+    spikes = torch.empty_like(h_seq)
+    v = torch.zeros(x.shape[1:], dtype=cdt, device=x.device)
+    for t in range(x.shape[0]):
+        h = decay * v + xs[t]
+        s = (h >= threshold).to(cdt)
+        v = h * (1.0 - s) if reset == "hard" else h - threshold * s
+        h_seq[t], spikes[t], v_seq[t] = h, s, v
+    return spikes.to(x.dtype), h_seq, v_seq
+
+
+@functools.lru_cache(maxsize=None)
+def _import_triton() -> Tuple[Optional[Callable], Optional[str]]:
+    """Lazily import the Triton kernel once: (function, None) or (None, why it failed)."""
+    try:
+        from fullrange.kernels.lif import lif_multistep_triton
+    except ImportError as err:  # no triton, or the kernel module is absent
+        return None, f"{type(err).__name__}: {err}"
+    return lif_multistep_triton, None
+
+
+def resolve_backend(backend: str, x: torch.Tensor) -> str:
+    """The backend that will run x: "torch" or "triton".
+
+    "auto" -> "triton" only for CUDA fp32/fp16/bf16 tensors when fullrange.kernels.lif
+    imports, else "torch" (so float64, e.g. gradcheck on GPU, stays on the torch loop).
+    "triton" raises RuntimeError when the kernel cannot be imported.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"LIF backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if backend == "auto" and not (x.is_cuda and x.dtype in _TRITON_DTYPES):
+        return "torch"
+    fn, why = _import_triton()
+    if fn is not None:
+        return "triton"
+    if backend == "triton":
+        raise RuntimeError(f"LIF backend='triton' but fullrange.kernels.lif could not be "
+                           f"imported ({why}); use backend='torch' or 'auto'")
+    _warn_triton_fallback(why)
+    return "torch"
+
+
+@functools.lru_cache(maxsize=None)
+def _warn_triton_fallback(why: str) -> None:
+    warnings.warn(f"LIF backend='auto' on CUDA falls back to the torch loop: the Triton kernel "
+                  f"did not import ({why})", RuntimeWarning, stacklevel=3)
+
+
+def lif(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0, reset: str = "hard",
+        surrogate_alpha: float = 4.0, detach_reset: bool = False,
+        backend: str = "auto") -> torch.Tensor:
+    """LIF over time on the chosen backend: x[T, ...] -> spikes[T, ...]."""
+    check_lif_args(decay, threshold, reset, surrogate_alpha, detach_reset, backend)
+    _check_input(x)
+    if resolve_backend(backend, x) == "triton":
+        fn, _ = _import_triton()
+        return fn(x, float(decay), float(threshold), reset, float(surrogate_alpha),
+                  detach_reset)
+    return _lif_torch(x, decay, threshold, reset, surrogate_alpha, detach_reset)
+
+
+class LIF(nn.Module):
+    """Multi-step LIF neuron: forward(x[T, ...]) -> spikes[T, ...] in x's dtype.
+
+    Stateless between calls (the membrane starts at 0 on every forward). Expects a time-major
+    tensor; a non-contiguous input is made contiguous. See the module docstring for the math.
+    """
+
+    def __init__(self, decay: float = 0.5, threshold: float = 1.0, reset: str = "hard",
+                 surrogate_alpha: float = 4.0, detach_reset: bool = False,
+                 backend: str = "auto") -> None:
+        super().__init__()
+        check_lif_args(decay, threshold, reset, surrogate_alpha, detach_reset, backend)
+        self.decay = float(decay)
+        self.threshold = float(threshold)
+        self.reset = reset
+        self.surrogate_alpha = float(surrogate_alpha)
+        self.detach_reset = detach_reset
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return lif(x, self.decay, self.threshold, self.reset, self.surrogate_alpha,
+                   self.detach_reset, self.backend)
+
+    def extra_repr(self) -> str:
+        return (f"decay={self.decay}, threshold={self.threshold}, reset={self.reset!r}, "
+                f"surrogate_alpha={self.surrogate_alpha}, detach_reset={self.detach_reset}, "
+                f"backend={self.backend!r}")
