@@ -226,7 +226,7 @@ def validate(cfg: RunConfig) -> None:
 
     for key in ("model.name", "teacher.name"):
         name = get_key(cfg, key)
-        if name and name not in MODEL_NAMES:
+        if (name or key == "model.name") and name not in MODEL_NAMES:
             raise ConfigError(f"config key {key}: unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
     if not is_spiking(cfg.model.name) and cfg.loss.kind != "ce":
         raise ConfigError(f"config key loss.kind: an ANN model ({cfg.model.name}) trains with 'ce', "

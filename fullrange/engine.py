@@ -114,9 +114,10 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
     seed_everything(cfg.seed)
 
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
+    teacher = load_teacher(cfg).to(acc.device) if cfg.loss.kind in ("full_range", "skd") else None
     if cfg.data.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = load_teacher(cfg).to(acc.device) if cfg.loss.kind in ("full_range", "skd") else None
+        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
 
     per_process_batch = cfg.data.batch_size // acc.num_processes
     train_batches = train_loader(cfg.data.train_path, per_process_batch, cfg.data.num_workers, cfg.seed,
