@@ -78,3 +78,10 @@ def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
 
 def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
+
+
+def downsample(in_planes: int, planes: int, stride: int) -> Optional[nn.Sequential]:
+    """1x1 conv + BN shortcut when the block changes shape (torchvision keys downsample.0/.1), else None."""
+    if stride == 1 and in_planes == planes:
+        return None
+    return nn.Sequential(conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes))

@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import conv1x1, conv3x3, init_weights
+from fullrange.models.layers import conv3x3, downsample, init_weights
 from fullrange.models.spiking_resnet import TINY_STAGES
 
 
@@ -31,10 +31,7 @@ class BasicBlock(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample: Optional[nn.Sequential] = None
-        if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(conv1x1(in_planes, planes, stride),
-                                            nn.BatchNorm2d(planes))
+        self.downsample = downsample(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.relu(self.bn1(self.conv1(x)))

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import (MergedLIF, TimeSequential, conv1x1, conv3x3, encode_direct,
+from fullrange.models.layers import (MergedLIF, TimeSequential, conv3x3, downsample, encode_direct,
                                      init_weights)
 
 
@@ -31,10 +31,7 @@ class SpikingBasicBlock(nn.Module):
         self.lif1 = MergedLIF(**neuron)
         self.conv2 = conv3x3(planes, planes)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample: Optional[nn.Sequential] = None
-        if stride != 1 or in_planes != planes:
-            self.downsample = nn.Sequential(conv1x1(in_planes, planes, stride),
-                                            nn.BatchNorm2d(planes))
+        self.downsample = downsample(in_planes, planes, stride)
         self.lif2 = MergedLIF(**neuron)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
