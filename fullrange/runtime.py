@@ -14,6 +14,8 @@ def make_accelerator(timeout_s: int = 1800) -> Accelerator:
     """Accelerator for this process; the process group (gloo on CPU, nccl on CUDA) only when
     launched with several processes (WORLD_SIZE > 1)."""
     cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn on every rank
     handlers = []
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
