@@ -91,6 +91,15 @@ def average_buffers(model: nn.Module, accelerator: Accelerator) -> None:
             buf.copy_(accelerator.reduce(buf.detach().clone(), "mean"))
 
 
+def compute_loss(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, x: torch.Tensor,
+                 y: torch.Tensor, T: int, spiking: bool) -> tuple[torch.Tensor, dict]:
+    """The configured loss of one batch: images x [B,C,H,W], labels y [B] -> (loss, parts)."""
+    z = logits_over_time(model, x, T, spiking)
+    with torch.no_grad():
+        z_a = teacher(x) if teacher is not None else None
+    return student_loss(cfg.loss.kind, z, y, z_a, cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau, cfg.loss.sd_target)
+
+
 def weights_checksum(model: nn.Module) -> float:
     """Sum of every floating-point parameter and buffer, in float64 (compares ranks)."""
     return float(sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point()))
@@ -164,11 +173,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
                     break
                 x, y = prep.train(images, labels, indices, epoch)
                 with acc.autocast():
-                    z = logits_over_time(model, x, T, spiking)
-                    with torch.no_grad():
-                        z_a = teacher(x) if teacher is not None else None
-                    loss, parts = student_loss(cfg.loss.kind, z, y, z_a, cfg.loss.alpha, cfg.loss.beta,
-                                               cfg.loss.tau, cfg.loss.sd_target)
+                    loss, parts = compute_loss(cfg, model, teacher, x, y, T, spiking)
                 acc.backward(loss)
                 if cfg.optim.grad_clip:
                     acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
