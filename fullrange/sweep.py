@@ -6,17 +6,22 @@ logits of a single run at T_max: ``prefix_mean(z)[T'-1]``.
 
 Counting is exact in any world size: each rank scores its own shard of the validation set (no
 padding, see ``fullrange.data.val_loader``), and integer counts are summed across ranks.
+
+The same pass also yields the deployment report (``fullrange.deploy_stats``): firing rates,
+synaptic operations and energy per T', and confidence-based early exit.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 from fullrange.config import RunConfig, from_dict
+from fullrange.deploy_stats import EXIT_THRESHOLDS, DeployStats, deploy_report
 from fullrange.models import build_model, is_spiking
 
 TOPK = (1, 5)
@@ -34,37 +39,50 @@ def logits_over_time(model: nn.Module, x: torch.Tensor, T: int, spiking: bool) -
     return model(x, T) if spiking else model(x).unsqueeze(0)
 
 
-def topk_correct(prefix: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = TOPK) -> dict[int, torch.Tensor]:
+def topk_hits(prefix: torch.Tensor, labels: torch.Tensor, kmax: int) -> torch.Tensor:
+    """prefix [T, B, C], labels [B] -> bool [T, B, kmax]: entry j says the label is the j-th best class."""
+    top = prefix.topk(min(kmax, prefix.shape[-1]), dim=-1).indices  # [T, B, kmax]
+    return top == labels.view(1, -1, 1)
+
+
+def topk_correct(prefix: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = TOPK,
+                 hit: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
     """prefix [T, B, C], labels [B] -> {k: int64 [T] number of samples whose label is in the top k}."""
-    kmax = min(max(ks), prefix.shape[-1])
-    top = prefix.topk(kmax, dim=-1).indices  # [T, B, kmax]
-    hit = top == labels.view(1, -1, 1)
-    return {k: hit[..., :min(k, kmax)].any(-1).sum(1).long().cpu() for k in ks}
+    hit = topk_hits(prefix, labels, max(ks)) if hit is None else hit
+    return {k: hit[..., :min(k, hit.shape[-1])].any(-1).sum(1).long().cpu() for k in ks}
 
 
 @torch.no_grad()
 def prefix_counts(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], T_max: int,
-                  spiking: bool, autocast=None) -> dict:
+                  spiking: bool, autocast=None, stats: DeployStats | None = None) -> dict:
     """Correct counts at every T' for this process's batches (images float [B,C,H,W], labels [B]).
 
     Returns {"top1": int64 [T_max], "top5": int64 [T_max], "total": int64 scalar} (local counts).
+    With ``stats`` (a DeployStats for this model at T_max), its hooks count spikes, synaptic
+    operations and early exits during the same forward passes and its counts join the result.
     """
     T = T_max if spiking else 1
     counts = {f"top{k}": torch.zeros(T, dtype=torch.long) for k in TOPK}
     total = torch.zeros((), dtype=torch.long)
     was_training = model.training
     model.eval()
-    for x, y in batches:
-        if autocast is not None:
-            with autocast():
+    with stats.attached(model) if stats is not None else contextlib.nullcontext():
+        for x, y in batches:
+            if stats is not None:
+                stats.begin_batch(y.shape[0])
+            with autocast() if autocast is not None else contextlib.nullcontext():
                 z = logits_over_time(model, x, T, spiking)
-        else:
-            z = logits_over_time(model, x, T, spiking)
-        for k, c in topk_correct(prefix_mean(z), y).items():
-            counts[f"top{k}"] += c
-        total += y.shape[0]
+            prefix = prefix_mean(z)
+            hit = topk_hits(prefix, y, max(TOPK))
+            for k, c in topk_correct(prefix, y, hit=hit).items():
+                counts[f"top{k}"] += c
+            if stats is not None:
+                stats.end_batch(prefix, hit[..., 0])
+            total += y.shape[0]
     model.train(was_training)
     counts["total"] = total
+    if stats is not None:
+        counts.update(stats.counts)
     return counts
 
 
@@ -106,6 +124,45 @@ def load_run(run_dir: Path) -> tuple[RunConfig, nn.Module]:
     return cfg, model
 
 
+def export_run(run_dir: Path, T: int, out_dir: Path | None = None) -> Path:
+    """Write a student ready to deploy at T timesteps: OUT/model.pt and OUT/config.yaml (model.T = T).
+
+    OUT defaults to RUN_DIR/export_T{T}; it is itself a run directory (``load_run`` and the
+    sweep accept it). When RUN_DIR/sweep.json covers T, OUT/deploy.json records that run's
+    numbers at T (accuracy, firing rate, SOPs, energy). Files are written atomically.
+    """
+    import dataclasses
+    import json
+
+    from fullrange.atomic import torch_save_atomic, write_text_atomic
+    from fullrange.config import save_config
+
+    run_dir = Path(run_dir)
+    cfg, model = load_run(run_dir)
+    if not is_spiking(cfg.model.name):
+        raise ValueError(f"{run_dir}: model {cfg.model.name!r} is an ANN; only spiking students have a T to export")
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"--export: expected an integer T' >= 1, got {T!r}")
+    out = Path(out_dir) if out_dir is not None else run_dir / f"export_T{T}"
+    exported = dataclasses.replace(cfg, name=out.name, out_dir=str(out.parent), resume=False,
+                                   model=dataclasses.replace(cfg.model, T=T))
+    torch_save_atomic(model.state_dict(), out / "model.pt")
+    save_config(exported, out / "config.yaml")
+    sweep_json = run_dir / "sweep.json"
+    if sweep_json.is_file():
+        report = json.loads(sweep_json.read_text()).get(run_dir.name, {})
+        if len(report.get("top1", [])) >= T:
+            at = lambda key: report[key][T - 1] if key in report else None  # noqa: E731
+            deploy = {"source_run": str(run_dir), "T_train": report.get("T_train"), "T": T,
+                      "total": report.get("total"), "top1": at("top1"), "top5": at("top5"),
+                      "firing_rate": report.get("firing_rate", {}).get("overall", [None] * T)[T - 1],
+                      "sops_per_image": at("sops_per_image"), "macs_per_image": at("macs_per_image"),
+                      "energy_uJ_per_image": at("energy_uJ_per_image"),
+                      "energy_model": report.get("energy_model")}
+            write_text_atomic(out / "deploy.json", json.dumps(deploy, indent=2))
+    return out
+
+
 def iterate_prepared(loader: Iterable, prepare) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Loader batches (images uint8, labels, indices) -> (images float on device, labels on device)."""
     for images, labels, _ in loader:
@@ -114,11 +171,15 @@ def iterate_prepared(loader: Iterable, prepare) -> Iterator[tuple[torch.Tensor, 
 
 
 def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | None = None,
-              batch_size: int | None = None, num_workers: int | None = None) -> dict:
+              batch_size: int | None = None, num_workers: int | None = None,
+              thresholds: Sequence[float] | None = EXIT_THRESHOLDS) -> dict:
     """Accuracy at every T' = 1..T_max (default 2 x training T) of one run, exact over all ranks.
 
     Collective: every rank calls it and scores its own shard of the validation set.
-    Returns {"T_train", "total", "top1": [..], "top5": [..]} (percent).
+    Returns {"T_train", "T_max", "total", "top1": [..], "top5": [..], "top1_correct", "top5_correct"}
+    (percent and counts) plus, unless ``thresholds`` is None, the deployment report of
+    ``fullrange.deploy_stats.deploy_report`` (firing rates, SOPs, energy, early exit) from the
+    same forward pass.
     """
     from fullrange.batches import BatchPreparer
     from fullrange.data import read_sidecar, val_loader
@@ -134,5 +195,10 @@ def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | Non
                         accelerator.process_index, accelerator.num_processes)
     prep = BatchPreparer(accelerator.device, meta["mean"], meta["std"], cfg.seed, 0, False, cfg.data.channels_last)
     model = model.to(accelerator.device)
-    counts = prefix_counts(model, iterate_prepared(loader, prep.eval), T_max, spiking, accelerator.autocast)
-    return {"T_train": T_train, **accuracies(all_reduce_counts(counts, accelerator.device))}
+    stats = None if thresholds is None else DeployStats(model, T_max, thresholds, accelerator.device)
+    counts = prefix_counts(model, iterate_prepared(loader, prep.eval), T_max, spiking, accelerator.autocast, stats)
+    counts = all_reduce_counts(counts, accelerator.device)
+    result = {"T_train": T_train, "T_max": T_max, **accuracies(counts)}
+    if stats is not None:
+        result.update(deploy_report(counts, thresholds, result["total"], T_max))
+    return result

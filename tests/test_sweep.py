@@ -85,5 +85,16 @@ def test_two_process_sweep_counts_equal_one_process(tmp_path, tiny_data):
     assert len(single["top1_correct"]) == 6  # default T_max = 2 x training T
     assert single["top1_correct"] == double["top1_correct"]
     assert single["top5_correct"] == double["top5_correct"]
+    # deployment statistics from the same pass: exact integer sums over ranks
+    assert single["spikes_total"] == double["spikes_total"] and sum(single["spikes_total"]) > 0
+    assert single["sops_total"] == double["sops_total"] and single["sops_total"][0] > 0
+    assert single["macs_total"] == double["macs_total"] and single["macs_total"][0] > 0
+    assert single["early_exit"]["top1_correct"] == double["early_exit"]["top1_correct"]
+    assert single["early_exit"]["steps_total"] == double["early_exit"]["steps_total"]
+    assert single["early_exit"]["sops_total"] == double["early_exit"]["sops_total"]
+    assert single["early_exit"]["steps_total"][0] == 101 and single["early_exit"]["steps_total"][-1] == 6 * 101
+    assert single["early_exit"]["top1_correct"][-1] == single["top1_correct"][-1]
+    assert single == double  # every derived number too (rates, per-layer ops, energy)
     assert (run / "sweep.png").stat().st_size > 1000
-    assert "T'" in one.stdout
+    assert (run / "sweep.txt").is_file()
+    assert "T'" in one.stdout and "early exit" in one.stdout and "SOPs" in one.stdout
