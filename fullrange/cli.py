@@ -44,21 +44,56 @@ def train_main(argv: list[str] | None = None) -> int:
 
 
 def sweep_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="launcher/sweep.py", description="Accuracy at every T' = 1..T_max from one forward pass per run.")
+    parser = argparse.ArgumentParser(
+        prog="launcher/sweep.py",
+        description="Deployment report from one forward pass per run: top-1/top-5, firing rates, synaptic "
+                    "operations and energy at every T' = 1..T_max, and confidence-based early exit. "
+                    "With --export T', write a student checkpoint for T' instead.")
     parser.add_argument("runs", nargs="+", type=Path, help="run directories (each with config.yaml and model.pt)")
     parser.add_argument("--t-max", type=int, default=None, help="largest T' (default: 2 x each run's training T)")
     parser.add_argument("--out", type=Path, default=None, help="prefix of the combined report for several runs "
-                        "(default: <parent of the first run>/sweep -> sweep.json, sweep.png)")
+                        "(default: <parent of the first run>/sweep -> sweep.json, sweep.png, sweep.txt)")
     parser.add_argument("--batch-size", type=int, default=None, help="validation batch per process")
     parser.add_argument("--workers", type=int, default=None, help="loader workers per process")
+    parser.add_argument("--exit-thresholds", default=None, metavar="P,P,...",
+                        help="early-exit confidence thresholds (default 0,0.5,0.6,0.7,0.8,0.9,0.95,0.99,1.01)")
+    parser.add_argument("--no-layers", action="store_true", help="leave the per-layer tables out of the printout")
+    parser.add_argument("--export", type=int, default=None, metavar="T'",
+                        help="write RUN/export_T{T'}/ (model.pt + config.yaml with model.T = T') for each run "
+                             "and exit; no evaluation")
     args = parser.parse_args(argv)
     if args.t_max is not None and args.t_max < 1:
         return _fail(f"--t-max: expected an integer >= 1, got {args.t_max}")
+    if args.export is not None and args.export < 1:
+        return _fail(f"--export: expected an integer T' >= 1, got {args.export}")
+    from fullrange.deploy_stats import EXIT_THRESHOLDS
+
+    thresholds = EXIT_THRESHOLDS
+    if args.exit_thresholds is not None:
+        try:
+            thresholds = tuple(float(v) for v in args.exit_thresholds.split(","))
+        except ValueError:
+            thresholds = ()
+        if not thresholds or any(not (0.0 <= t < float("inf")) for t in thresholds):
+            return _fail(f"--exit-thresholds: expected comma-separated numbers >= 0, got {args.exit_thresholds!r}")
     for run in args.runs:
         for name in ("config.yaml", "model.pt"):
             if not (run / name).is_file():
                 return _fail(f"{run / name}: not found (expected a run directory written by launcher/train.py)")
-    from fullrange.report import plot_sweep, print_sweep, write_sweep_json
+    if args.export is not None:
+        if os.environ.get("RANK", "0") != "0":
+            return 0
+        from fullrange.config import ConfigError
+        from fullrange.sweep import export_run
+
+        try:
+            for run in args.runs:
+                out = export_run(run, args.export)
+                print(f"exported {run} for T'={args.export}: {out}/model.pt, {out}/config.yaml")
+        except (FileNotFoundError, ValueError, ConfigError) as e:
+            return _fail(str(e))
+        return 0
+    from fullrange.report import plot_sweep, print_sweep, write_sweep_json, write_sweep_text
     from fullrange.runtime import make_accelerator, shutdown
     from fullrange.sweep import sweep_run
 
@@ -66,16 +101,19 @@ def sweep_main(argv: list[str] | None = None) -> int:
     try:
         results = {}
         for run in args.runs:
-            results[run.name] = sweep_run(run, args.t_max, acc, batch_size=args.batch_size, num_workers=args.workers)
+            results[run.name] = sweep_run(run, args.t_max, acc, batch_size=args.batch_size, num_workers=args.workers,
+                                          thresholds=thresholds)
             if acc.is_main_process:
                 write_sweep_json({run.name: results[run.name]}, run / "sweep.json")
                 plot_sweep({run.name: results[run.name]}, run / "sweep.png")
+                write_sweep_text({run.name: results[run.name]}, run / "sweep.txt")
         if acc.is_main_process:
-            if len(results) > 1:
+            if len(results) > 1 or args.out is not None:
                 out = args.out or args.runs[0].parent / "sweep"
                 write_sweep_json(results, out.with_suffix(".json"))
                 plot_sweep(results, out.with_suffix(".png"))
-            print_sweep(results)
+                write_sweep_text(results, out.with_suffix(".txt"))
+            print_sweep(results, layers=not args.no_layers)
     except (FileNotFoundError, ValueError) as e:
         return _fail(str(e))
     finally:
