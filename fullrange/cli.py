@@ -31,15 +31,27 @@ def train_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         return _fail(str(e))
     from fullrange.engine import train
+    from fullrange.preemption import EXIT_NONFINITE, EXIT_REQUEUE, NonFiniteLoss, Preempted
     from fullrange.runtime import make_accelerator, shutdown
 
-    acc = make_accelerator()
+    acc = make_accelerator(cfg.dist_timeout_s)
+    clean = False
     try:
         train(cfg, acc)
+        clean = True
     except ConfigError as e:
+        clean = True  # every rank checks the same inputs
         return _fail(str(e))
+    except Preempted as e:  # every rank stops at the same step (see fullrange.preemption)
+        clean = True
+        _fail(str(e))
+        return EXIT_REQUEUE
+    except NonFiniteLoss as e:
+        clean = True
+        _fail(str(e))
+        return EXIT_NONFINITE
     finally:
-        shutdown(acc)
+        shutdown(acc, barrier=clean)
     return 0
 
 
@@ -127,14 +139,38 @@ def write_ffcv_main(argv: list[str] | None = None) -> int:
     bundled = sub.add_parser("bundled", help="a dataset that installs with the system (train.beton + val.beton)")
     bundled.add_argument("name", choices=("fmnist", "digits"))
     bundled.add_argument("out_dir", type=Path)
+    folder = sub.add_parser("imagefolder", help="an ImageFolder tree SRC/{train,val}/<class>/*.jpg (ImageNet layout): "
+                            "RGB images as JPEG and/or raw pixels (train.beton + val.beton)")
+    folder.add_argument("src", type=Path, help="directory holding train/ and val/")
+    folder.add_argument("out_dir", type=Path)
+    folder.add_argument("--max-resolution", type=int, default=500, help="longer side in pixels (default 500)")
+    folder.add_argument("--jpeg-quality", type=int, default=90)
+    folder.add_argument("--compress-probability", type=float, default=0.5,
+                        help="fraction stored as JPEG with --write-mode proportion (default 0.5)")
+    folder.add_argument("--write-mode", choices=("proportion", "jpg", "raw"), default="proportion")
+    folder.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="writer processes (default: all CPUs)")
+    folder.add_argument("--stats", choices=("imagenet", "computed"), default="imagenet",
+                        help="normalisation mean/std: ImageNet's standard constants (default) or computed from train")
+    folder.add_argument("--overwrite", action="store_true", help="replace existing .beton files written differently")
     args = parser.parse_args(argv)
-    from fullrange.data import prepare_bundled
+    from fullrange.data import prepare_bundled, write_imagefolder
 
     try:
-        written = prepare_bundled(args.name, args.out_dir)
-    except (FileNotFoundError, ValueError) as e:
+        if args.source == "bundled":
+            written = prepare_bundled(args.name, args.out_dir)
+        else:
+            if args.workers < 1:
+                return _fail(f"--workers: expected an integer >= 1, got {args.workers}")
+            written = write_imagefolder(args.src, args.out_dir, max_resolution=args.max_resolution,
+                                        jpeg_quality=args.jpeg_quality, compress_probability=args.compress_probability,
+                                        write_mode=args.write_mode, num_workers=args.workers, stats=args.stats,
+                                        overwrite=args.overwrite)
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
         return _fail(str(e))
     for split in ("train", "val"):
         m = written["meta"][split]
-        print(f"{written[split]}: {m['num_samples']} samples of {m['name']} {tuple(m['shape'])}, {m['num_classes']} classes")
+        kept = " (up to date, kept)" if split not in written.get("written", [split]) else ""
+        shape = tuple(m.get("max_shape", m["shape"]))
+        print(f"{written[split]}: {m['num_samples']} samples of {m['name']} {'up to ' * ('max_shape' in m)}{shape}, "
+              f"{m['num_classes']} classes{kept}")
     return 0

@@ -49,9 +49,14 @@ class DataConfig:
     val_batch_size: int = 500       # per process
     num_workers: int = 2
     os_cache: bool = True           # True: OS page cache (multi-GPU); False: FFCV process cache
-    pad: int = 4                    # padded random crop (pixels); 0 disables
+    pad: int = 4                    # padded random crop (pixels) for raw small images; 0 disables
     flip: bool = True               # random horizontal flip
     channels_last: bool = False
+    image_size: int = 224           # RandomResizedCrop output (JPEG .beton files, e.g. ImageNet)
+    rrc_scale_min: float = 0.08     # RandomResizedCrop area range (rrc_scale_min, 1)
+    val_image_size: int = 0         # centre-crop output for validation; 0: same as image_size
+    val_crop_ratio: float = 0.875   # centre crop / resized short side (224 of 256)
+    batches_ahead: int = 3          # batches FFCV prepares ahead
 
 
 @dataclass
@@ -89,6 +94,9 @@ class RunConfig:
     resume: bool = False
     log_every: int = 50             # steps between metrics.jsonl lines
     max_steps_per_epoch: int = 0    # 0: whole epochs; >0 truncates (smoke tests)
+    checkpoint_every_steps: int = 0  # >0: also checkpoint inside epochs (exact mid-epoch resume)
+    stop_check_every: int = 1       # steps between the ranks' agreement on preemption / non-finite loss
+    dist_timeout_s: int = 1800      # a collective waiting longer (a dead or hung rank) fails the run
     model: ModelConfig = field(default_factory=ModelConfig)
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -103,16 +111,18 @@ class RunConfig:
 
 CHOICES: dict[str, tuple[str, ...]] = {
     "neuron.reset": ("hard", "soft"),
-    "neuron.backend": ("auto", "torch", "triton"),
+    "neuron.backend": ("auto", "torch", "triton", "cpu"),
     "loss.kind": ("full_range", "skd", "tet", "ce"),
     "loss.sd_target": ("ensemble", "correct_only"),
     "teacher.source": ("live",),
 }
-POSITIVE = ("model.T", "model.num_classes", "model.in_channels", "data.batch_size",
-            "data.val_batch_size", "optim.lr", "optim.epochs", "loss.tau")
-NON_NEGATIVE = ("data.num_workers", "data.pad", "optim.momentum", "optim.weight_decay",
+POSITIVE = ("model.T", "model.num_classes", "model.in_channels", "data.batch_size", "data.image_size",
+            "data.batches_ahead", "data.rrc_scale_min", "data.val_crop_ratio",
+            "data.val_batch_size", "optim.lr", "optim.epochs", "loss.tau", "stop_check_every",
+            "dist_timeout_s")
+NON_NEGATIVE = ("data.num_workers", "data.pad", "data.val_image_size", "optim.momentum", "optim.weight_decay",
                 "optim.warmup_epochs", "optim.grad_clip", "loss.alpha", "loss.beta",
-                "log_every", "max_steps_per_epoch", "seed", "neuron.surrogate_alpha")
+                "log_every", "max_steps_per_epoch", "checkpoint_every_steps", "seed", "neuron.surrogate_alpha")
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -218,6 +228,9 @@ def validate(cfg: RunConfig) -> None:
     for key in NON_NEGATIVE:
         if get_key(cfg, key) < 0:
             raise ConfigError(f"config key {key}: expected >= 0, got {get_key(cfg, key)!r}")
+    for key in ("data.rrc_scale_min", "data.val_crop_ratio"):
+        if get_key(cfg, key) > 1.0:
+            raise ConfigError(f"config key {key}: expected a value in (0, 1], got {get_key(cfg, key)}")
     if not 0.0 <= cfg.neuron.decay <= 1.0:
         raise ConfigError(f"config key neuron.decay: expected a value in [0, 1], got {cfg.neuron.decay}")
     if not cfg.name or "/" in cfg.name:

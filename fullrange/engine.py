@@ -3,10 +3,19 @@
 One function, :func:`train`, reads top to bottom: check inputs, build data/model/optimiser,
 resume if asked, then epochs of (train steps, validation over every T' <= T, checkpoint).
 Outputs in ``RUN = out_dir/name``: config.yaml (resolved), metrics.jsonl, checkpoints/ (the
-last epoch's accelerator state), model.pt (the last weights as a plain state_dict).
+last accelerator state: an epoch's end, or a step inside an epoch with checkpoint_every_steps),
+model.pt (the last epoch's weights as a plain state_dict).
+
+Resume is exact: a step checkpoint records (epoch, batches done); the resumed run replays that
+epoch's order (set_epoch) and skips the batches already trained. After every step (every
+stop_check_every) the ranks agree on a stop: a preemption signal -> checkpoint + Preempted, a
+non-finite loss -> NonFiniteLoss with nothing saved (fullrange.preemption). The same loop runs
+DDP and DeepSpeed ZeRO (accelerate's DeepSpeed plugin): DeepSpeed steps and clips inside
+``acc.backward``, the run config fills its batch and clipping (_fit_deepspeed_config).
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -19,11 +28,13 @@ from fullrange.atomic import torch_save_atomic
 from fullrange.batches import BatchPreparer
 from fullrange.checkpoint import Checkpointer
 from fullrange.config import ConfigError, RunConfig, save_config
-from fullrange.data import read_sidecar, train_loader, val_loader
+from fullrange.data import read_sidecar, train_loader, val_loader, view_options
 from fullrange.losses import student_loss
 from fullrange.metrics import MetricsLog
 from fullrange.models import build_model, is_spiking
 from fullrange.optim import build_optimizer, build_scheduler
+from fullrange.preemption import (EXIT_REQUEUE, Fault, NonFiniteLoss, Preempted, StopCheck, StopSignals,
+                                  write_requeue_file)
 from fullrange.runtime import make_accelerator, seed_everything
 from fullrange.sweep import accuracies, all_reduce_counts, iterate_prepared, logits_over_time, prefix_counts
 
@@ -95,8 +106,8 @@ def compute_loss(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, x:
                  y: torch.Tensor, T: int, spiking: bool) -> tuple[torch.Tensor, dict]:
     """The configured loss of one batch: images x [B,C,H,W], labels y [B] -> (loss, parts)."""
     z = logits_over_time(model, x, T, spiking)
-    with torch.no_grad():
-        z_a = teacher(x) if teacher is not None else None
+    with torch.no_grad():  # the teacher stays fp32 when DeepSpeed feeds the student bf16 inputs
+        z_a = teacher(x.to(next(teacher.parameters()).dtype)) if teacher is not None else None
     return student_loss(cfg.loss.kind, z, y, z_a, cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau, cfg.loss.sd_target)
 
 
@@ -111,9 +122,49 @@ def _progress(console: Console, enabled: bool) -> Progress:
                     console=console, disable=not enabled, transient=False)
 
 
+def _deepspeed_config(acc: Accelerator) -> dict | None:
+    """The DeepSpeed config dict when launched with accelerate's DeepSpeed plugin, else None."""
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type != DistributedType.DEEPSPEED:
+        return None
+    return acc.state.deepspeed_plugin.deepspeed_config
+
+
+def _fit_deepspeed_config(ds: dict, cfg: RunConfig, per_process_batch: int) -> None:
+    """The run config decides the batch and the clipping; the JSON's values are replaced.
+
+    DeepSpeed needs a literal micro batch (FFCV loaders are not torch DataLoaders, so accelerate
+    cannot infer it), and accelerate would fill an "auto" gradient_clipping with 1.0."""
+    ds["train_micro_batch_size_per_gpu"] = per_process_batch
+    ds["train_batch_size"] = cfg.data.batch_size
+    ds["gradient_accumulation_steps"] = 1
+    ds["gradient_clipping"] = float(cfg.optim.grad_clip)
+    ds.setdefault("zero_allow_untested_optimizer", True)  # our SGD with two parameter groups
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines written after the checkpoint a run resumes from (step > step)."""
+    if not path.is_file():
+        return
+    from fullrange.atomic import write_text_atomic
+    from fullrange.metrics import read_metrics
+
+    kept = [m for m in read_metrics(path) if m.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in kept))
+
+
 def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
-    """Train the configured run; returns the run directory."""
-    acc = accelerator or make_accelerator()
+    """Train the configured run; returns the run directory.
+
+    Raises Preempted (SIGTERM / SIGUSR1: a step checkpoint was written) or NonFiniteLoss (the
+    last good checkpoint is kept) on every rank; see fullrange.preemption for exit codes."""
+    acc = accelerator or make_accelerator(cfg.dist_timeout_s)
+    with StopSignals() as signals:
+        return _train(cfg, acc, signals)
+
+
+def _train(cfg: RunConfig, acc: Accelerator, signals: StopSignals) -> Path:
     console = Console(stderr=True)
     main = acc.is_main_process
     meta = check_inputs(cfg, acc.num_processes)
@@ -121,18 +172,21 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
     spiking = is_spiking(cfg.model.name)
     T = cfg.model.T if spiking else 1
     seed_everything(cfg.seed)
+    fault = Fault(acc.process_index)
+    ds_config = _deepspeed_config(acc)
 
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
     teacher = load_teacher(cfg).to(acc.device) if cfg.loss.kind in ("full_range", "skd") else None
-    if cfg.data.channels_last:
+    if cfg.data.channels_last and ds_config is None:  # DeepSpeed broadcasts weights as flat bytes
         model = model.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
 
     per_process_batch = cfg.data.batch_size // acc.num_processes
+    views = view_options(cfg.data)  # image size, crop ranges, batches_ahead (rgb_jpeg files)
     train_batches = train_loader(cfg.data.train_path, per_process_batch, cfg.data.num_workers, cfg.seed,
-                                 distributed=acc.num_processes > 1, os_cache=cfg.data.os_cache)
+                                 distributed=acc.num_processes > 1, os_cache=cfg.data.os_cache, **views["train"])
     val_batches = val_loader(cfg.data.val_path, cfg.data.val_batch_size, cfg.data.num_workers,
-                             acc.process_index, acc.num_processes)
+                             acc.process_index, acc.num_processes, os_cache=cfg.data.os_cache, **views["val"])
     steps_per_epoch = len(train_batches)
     if cfg.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
@@ -140,57 +194,105 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
         raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} is larger than the training set "
                           f"({meta['num_samples']} samples): no full batch per epoch")
     prep = BatchPreparer(acc.device, meta["mean"], meta["std"], cfg.seed, cfg.data.pad, cfg.data.flip,
-                         cfg.data.channels_last)
+                         cfg.data.channels_last, augment=not train_batches.augmented,
+                         dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32)
 
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
+    input_dtype = None
+    if ds_config is not None:
+        _fit_deepspeed_config(ds_config, cfg, per_process_batch)
+        if acc.mixed_precision == "bf16":  # DeepSpeed casts the weights, not the inputs
+            input_dtype = torch.bfloat16
     model, optimizer = acc.prepare(model, optimizer)
     acc.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
     checkpointer = Checkpointer(run_dir, acc)
+    stop_check = StopCheck(signals, acc.device, acc.process_index, acc.num_processes, cfg.stop_check_every)
 
-    start_epoch, step = 0, 0
+    start_epoch, skip, step = 0, 0, 0
     if cfg.resume and (last := checkpointer.latest()) is not None:
         state = checkpointer.load(last)
-        start_epoch, step = state["epoch"], state["step"]
+        start_epoch, skip, step = state["epoch"], state["batch"], state["step"]
         if main:
-            console.print(f"resuming {run_dir} from {last.name} (epoch {start_epoch}, step {step})")
+            _trim_metrics(run_dir / "metrics.jsonl", step)
+            console.print(f"resuming {run_dir} from {last.name} (epoch {start_epoch}, batch {skip}, step {step})")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir / "metrics.jsonl", main)
     if main:
         console.print(f"[bold]{cfg.name}[/]: {cfg.model.name} T={T} loss={cfg.loss.kind} on "
-                      f"{acc.num_processes} process(es), {steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs")
+                      f"{acc.num_processes} process(es){' with DeepSpeed' if ds_config else ''}, "
+                      f"{steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs")
+
+    def prepare_eval(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = prep.eval(images, labels)
+        return (x if input_dtype is None else x.to(input_dtype)), y
+
+    def preempt(reason: str, epoch: int, batch: int, saved: Path | None) -> None:
+        """Checkpoint at this step boundary (every rank), then raise Preempted everywhere."""
+        path = saved or checkpointer.save(epoch, step, batch)
+        if main:
+            write_requeue_file({"reason": reason, "epoch": epoch, "batch": batch, "step": step,
+                                "checkpoint": str(path)})
+        acc.wait_for_everyone()
+        raise Preempted(f"preempted ({reason}) at epoch {epoch} batch {batch} (step {step}); checkpoint {path}; "
+                        f"rerun with resume=true to continue (exit {EXIT_REQUEUE}: requeue)", path)
+
+    def check(epoch: int, batch: int, force: bool = False, saved: Path | None = None) -> None:
+        stop, bad_ranks = stop_check.check(step, force)
+        if bad_ranks:
+            last_good = checkpointer.latest()
+            raise NonFiniteLoss(f"non-finite loss (NaN or inf) on rank(s) {bad_ranks} by step {step} (epoch {epoch}); "
+                                f"stopped; nothing saved after the last good checkpoint "
+                                f"{last_good if last_good else '(none: no checkpoint yet)'}")
+        if stop:
+            preempt(stop, epoch, batch, saved)
 
     with _progress(console, main) as progress:
         task = progress.add_task(cfg.name, total=cfg.optim.epochs * steps_per_epoch,
-                                 completed=start_epoch * steps_per_epoch, info="")
+                                 completed=start_epoch * steps_per_epoch + skip, info="")
         for epoch in range(start_epoch, cfg.optim.epochs):
             train_batches.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch)
             model.train()
-            for i, (images, labels, indices) in enumerate(train_batches):
+            done = skip if epoch == start_epoch else 0  # batches of this epoch already trained
+            batches = iter(train_batches)
+            for _ in range(done):  # resume inside an epoch: the same order, skip what was done
+                next(batches)
+            for i, (images, labels, indices) in enumerate(batches, start=done):
                 if i >= steps_per_epoch:
                     break
                 x, y = prep.train(images, labels, indices, epoch)
+                if input_dtype is not None:
+                    x = x.to(input_dtype)
                 with acc.autocast():
                     loss, parts = compute_loss(cfg, model, teacher, x, y, T, spiking)
-                acc.backward(loss)
-                if cfg.optim.grad_clip:
+                loss = fault.loss(loss, step + 1)
+                stop_check.note_loss(loss)
+                acc.backward(loss)  # with DeepSpeed this also clips (its config) and steps
+                if cfg.optim.grad_clip and ds_config is None:
                     acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                fault.after_step(step)
+                saving = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0 \
+                    and i + 1 < steps_per_epoch
+                check(epoch, i + 1, force=saving)
                 if cfg.log_every and step % cfg.log_every == 0:
                     values = acc.reduce(torch.stack([loss.detach(), *parts.values()]).float(), "mean").tolist()
                     names = ["loss", *parts]
                     log.write(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], **dict(zip(names, values)))
                     progress.update(task, info=f"loss {values[0]:.3f}")
+                if saving:
+                    checkpointer.save(epoch, step, i + 1)
                 progress.advance(task)
+            check(epoch, steps_per_epoch, force=True)
 
             average_buffers(model, acc)
             counts = all_reduce_counts(
-                prefix_counts(acc.unwrap_model(model), iterate_prepared(val_batches, prep.eval), T, spiking,
+                prefix_counts(acc.unwrap_model(model), iterate_prepared(val_batches, prepare_eval), T, spiking,
                               acc.autocast), acc.device)
             result = accuracies(counts)
             checksums = acc.gather(torch.tensor([weights_checksum(model)], dtype=torch.float64,
@@ -200,7 +302,11 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
             if main:
                 progress.console.print(f"epoch {epoch + 1}/{cfg.optim.epochs}: val top-1 {result['top1'][-1]:.2f}% "
                                        f"at T={T}" + (f", {result['top1'][0]:.2f}% at T'=1" if T > 1 else ""))
-            checkpointer.save(epoch + 1, step)
+            saved = checkpointer.save(epoch + 1, step)
+            weights = acc.get_state_dict(model)  # collective under ZeRO-3
             if main:
-                torch_save_atomic(acc.unwrap_model(model).state_dict(), run_dir / "model.pt")
+                torch_save_atomic({k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+                                  run_dir / "model.pt")
+            if epoch + 1 < cfg.optim.epochs:
+                check(epoch + 1, 0, force=True, saved=saved)  # a signal during validation / saving
     return run_dir

@@ -12,7 +12,10 @@ from accelerate import Accelerator, InitProcessGroupKwargs
 
 def make_accelerator(timeout_s: int = 1800) -> Accelerator:
     """Accelerator for this process; the process group (gloo on CPU, nccl on CUDA) only when
-    launched with several processes (WORLD_SIZE > 1)."""
+    launched with several processes (WORLD_SIZE > 1). timeout_s bounds every collective: a rank
+    that died or hangs makes the others fail after at most that long (gloo usually notices a
+    closed connection at once). Launched with accelerate's DeepSpeed plugin (distributed_type
+    DEEPSPEED) the same backend and timeout reach deepspeed.init_distributed."""
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn on every rank
@@ -30,8 +33,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def shutdown(accelerator: Accelerator) -> None:
-    """End the process group cleanly (processes sometimes abort at exit otherwise)."""
-    accelerator.wait_for_everyone()
+def shutdown(accelerator: Accelerator, barrier: bool = True) -> None:
+    """End the process group cleanly (processes sometimes abort at exit otherwise).
+
+    barrier=False after an error: a dead peer would make the barrier wait for the timeout."""
+    if barrier:
+        accelerator.wait_for_everyone()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()

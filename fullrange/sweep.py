@@ -182,7 +182,7 @@ def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | Non
     same forward pass.
     """
     from fullrange.batches import BatchPreparer
-    from fullrange.data import read_sidecar, val_loader
+    from fullrange.data import read_sidecar, val_loader, view_options
 
     cfg, model = load_run(run_dir)
     spiking = is_spiking(cfg.model.name)
@@ -192,8 +192,10 @@ def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | Non
     meta = read_sidecar(path)
     loader = val_loader(path, batch_size or cfg.data.val_batch_size,
                         cfg.data.num_workers if num_workers is None else num_workers,
-                        accelerator.process_index, accelerator.num_processes)
-    prep = BatchPreparer(accelerator.device, meta["mean"], meta["std"], cfg.seed, 0, False, cfg.data.channels_last)
+                        accelerator.process_index, accelerator.num_processes, os_cache=cfg.data.os_cache,
+                        **view_options(cfg.data)["val"])
+    prep = BatchPreparer(accelerator.device, meta["mean"], meta["std"], cfg.seed, 0, False, cfg.data.channels_last,
+                         dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
     model = model.to(accelerator.device)
     stats = None if thresholds is None else DeployStats(model, T_max, thresholds, accelerator.device)
     counts = prefix_counts(model, iterate_prepared(loader, prep.eval), T_max, spiking, accelerator.autocast, stats)

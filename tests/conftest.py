@@ -61,14 +61,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_launcher(script: str, args: list[str], nproc: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
-    """Run launcher/SCRIPT through `accelerate launch` on the CPU with nproc processes (gloo)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1"}
-    if nproc > 1:
-        launch = [ACCELERATE, "launch", "--multi_gpu", "--num_processes", str(nproc), "--num_machines", "1",
-                  "--main_process_port", str(free_port()), "--mixed_precision", "no", "--dynamo_backend", "no"]
+def launcher_env(**extra: str) -> dict:
+    """The environment of a CPU `accelerate launch` in tests (one thread per process)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1", **extra}
+
+
+def launch_command(script: str, args: list[str], nproc: int = 1, *, config_file: str | None = None,
+                   num_machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
+    """`accelerate launch` of launcher/SCRIPT on the CPU: nproc processes in all, over num_machines
+    "nodes" that meet at 127.0.0.1:port (this process is machine_rank); config_file: an accelerate
+    YAML (e.g. configs/accelerate/deepspeed_zero2.yaml) whose GPU settings the flags override."""
+    launch = [ACCELERATE, "launch"]
+    if config_file:
+        launch += ["--config_file", config_file]
+    if nproc > 1 or num_machines > 1:
+        if not config_file:
+            launch.append("--multi_gpu")
+        launch += ["--num_processes", str(nproc), "--num_machines", str(num_machines),
+                   "--main_process_port", str(port or free_port())]
+        if num_machines > 1:
+            launch += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
     else:
-        launch = [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1",
-                  "--mixed_precision", "no", "--dynamo_backend", "no"]
-    return subprocess.run(launch + [str(REPO / "launcher" / script), *args], cwd=REPO, env=env,
+        launch += ["--cpu", "--num_processes", "1", "--num_machines", "1"]
+    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
+    return launch + [str(REPO / "launcher" / script), *args]
+
+
+def run_launcher(script: str, args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,
+                 **launch) -> subprocess.CompletedProcess:
+    """Run launcher/SCRIPT through `accelerate launch` on the CPU with nproc processes (gloo).
+    env: extra environment variables; launch: keyword arguments of launch_command."""
+    return subprocess.run(launch_command(script, args, nproc, **launch), cwd=REPO, env=launcher_env(**(env or {})),
                           capture_output=True, text=True, timeout=timeout)

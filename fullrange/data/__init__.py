@@ -1,10 +1,15 @@
-"""Data: bundled datasets, FFCV writer, loaders, replayable augmentation."""
+"""Data: bundled datasets, FFCV writers (arrays, ImageFolder trees), loaders, replayable
+augmentation (pad-crop-flip for small raw images, random resized crop + flip for photos)."""
 from .augment import AUGMENT_VERSION, pad_crop_flip, view_params
 from .bundled import load_bundled, read_idx
-from .loaders import (BetonLoader, check_beton, normalize, shard_indices, train_loader,
-                      val_loader)
+from .imagefolder import write_imagefolder
+from .loaders import (BetonLoader, check_beton, image_format, normalize, shard_indices,
+                      train_loader, val_loader, view_options)
+from .views import RRC_VERSION, center_view_params, rrc_view_params
 from .writer import prepare_bundled, read_sidecar, sidecar_path, write_beton
 
 __all__ = ["AUGMENT_VERSION", "pad_crop_flip", "view_params", "load_bundled", "read_idx",
-           "BetonLoader", "check_beton", "normalize", "shard_indices", "train_loader",
-           "val_loader", "prepare_bundled", "read_sidecar", "sidecar_path", "write_beton"]
+           "write_imagefolder", "BetonLoader", "check_beton", "image_format", "normalize",
+           "shard_indices", "train_loader", "val_loader", "view_options", "RRC_VERSION",
+           "center_view_params", "rrc_view_params", "prepare_bundled", "read_sidecar",
+           "sidecar_path", "write_beton"]

@@ -1,4 +1,12 @@
-"""FFCV loaders for the .beton files written by fullrange.data.writer.
+"""FFCV loaders for the .beton files written by fullrange.data.writer and .imagefolder.
+
+The sidecar's image_format picks the image pipeline:
+- "raw" (small fixed-size arrays, e.g. Fashion-MNIST): the pixels as stored; the trainer
+  augments on the device (pad_crop_flip), `BetonLoader.augmented` is False.
+- "rgb_jpeg" (ImageFolder / ImageNet): train decodes with ReplayableRRCDecoder (random
+  resized crop + flip hashed from (seed, epoch, index), at image_size), val with
+  CenterCropDecoder (centre crop_ratio of the shorter side, resized to image_size);
+  `BetonLoader.augmented` is True for train: the trainer must not augment again.
 
 Both loaders yield (images uint8 [B, C, H, W], labels int64 [B], indices int64 [B]) as CPU
 tensors. images is a permuted view of FFCV's [B, H, W, C] buffer, so it is channels_last in
@@ -21,19 +29,41 @@ How FFCV (1.0.2) orders an epoch (ffcv/loader/loader.py, ffcv/traversal_order/*.
 - len(loader) = batches per epoch on this rank (drop_last: floor, else ceil).
 Engine pattern: `for e in range(start, epochs): loader.set_epoch(e); for x, y, i in loader:
 pad_crop_flip(x, i, seed, e, pad)` -- explicit, resume-safe, and the augmentation epoch is the
-ordering epoch. (Breaking out of an epoch early still consumes that epoch number.)
+ordering epoch. (Breaking out of an epoch early still consumes that epoch number.) For
+rgb_jpeg data the decoder reads the same epoch: BetonLoader writes `next_epoch` into the
+decoder right before each iteration.
 """
 from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 
+from .views import DEFAULT_CROP_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, check_scale_ratio
 from .writer import FIELDS, read_sidecar
+
+IMAGE_FORMATS = ("raw", "rgb_jpeg")
+
+
+def image_format(meta: dict) -> str:
+    """The sidecar's image_format ("raw" when absent: files written before it existed)."""
+    return meta.get("image_format", "raw")
+
+
+def view_options(data_cfg) -> dict:
+    """The loader keyword arguments of a trainer's DataConfig: {"train": {...}, "val": {...}}
+    for train_loader / val_loader (used by rgb_jpeg files; raw small images ignore the sizes)."""
+    size = data_cfg.image_size
+    return {"train": {"image_size": size, "scale": (data_cfg.rrc_scale_min, DEFAULT_SCALE[1]),
+                      "ratio": DEFAULT_RATIO, "flip": data_cfg.flip,
+                      "batches_ahead": data_cfg.batches_ahead},
+            "val": {"image_size": data_cfg.val_image_size or size, "crop_ratio": data_cfg.val_crop_ratio,
+                    "batches_ahead": data_cfg.batches_ahead}}
 
 
 def check_beton(path: str | os.PathLike) -> dict:
@@ -61,6 +91,9 @@ def check_beton(path: str | os.PathLike) -> dict:
     if fields != list(FIELDS) or n != meta["num_samples"]:
         raise ValueError(f"{p}: expected fields {list(FIELDS)} and {meta['num_samples']} "
                          f"samples, found {fields} and {n}")
+    if image_format(meta) not in IMAGE_FORMATS:
+        raise ValueError(f"{p}: sidecar image_format {image_format(meta)!r}, expected one of "
+                         f"{IMAGE_FORMATS}")
     return meta
 
 
@@ -78,15 +111,42 @@ def _keep_torch_threads():
             torch.set_num_threads(n)
 
 
-def _pipelines() -> dict:
-    """Fresh decoder objects for every loader (FFCV operations must not be shared)."""
+def _pipelines(image_decoder=None) -> dict:
+    """Fresh decoder objects for every loader (FFCV operations must not be shared).
+    image_decoder: an RGB view decoder (rgb_jpeg files), None for raw arrays."""
     from ffcv.fields.basics import IntDecoder
     from ffcv.fields.ndarray import NDArrayDecoder
+    from ffcv.pipeline.pipeline_spec import PipelineSpec
     from ffcv.transforms import ToTensor
 
-    return {"image": [NDArrayDecoder(), ToTensor()],
+    # An explicit PipelineSpec decoder: FFCV only takes the first op of a plain list as the
+    # decoder when it is an instance of the field's default decoder class.
+    image = ([NDArrayDecoder(), ToTensor()] if image_decoder is None else
+             PipelineSpec("image", decoder=image_decoder, transforms=[ToTensor()]))
+    return {"image": image,
             "label": [IntDecoder(), ToTensor()],
             "index": [IntDecoder(), ToTensor()]}
+
+
+def _check_common(batch_size: int, num_workers: int, batches_ahead: int) -> None:
+    if batch_size < 1 or num_workers < 1 or batches_ahead < 1:
+        raise ValueError(f"batch_size {batch_size}, num_workers {num_workers}, batches_ahead "
+                         f"{batches_ahead}: each must be >= 1")
+
+
+def _wait_for_batch(it) -> None:
+    """Block until FFCV's epoch thread has a batch (or its end marker) queued. FFCV's own
+    __next__ waits forever when that thread died (a decoder that raised, a failed compile):
+    raise instead, pointing at the traceback the thread printed."""
+    q = getattr(it, "output_queue", None)
+    if q is None or not hasattr(it, "is_alive"):
+        return
+    with q.not_empty:
+        while not q._qsize():
+            if not it.is_alive():
+                raise RuntimeError("the FFCV loader thread stopped before the end of the epoch "
+                                   "(its exception is printed above)")
+            q.not_empty.wait(0.5)
 
 
 class BetonLoader:
@@ -94,11 +154,15 @@ class BetonLoader:
     indices [B] int64). `loader` is None when this rank's shard is empty (yields nothing).
 
     Attributes: meta (sidecar dict), num_samples (samples this rank sees per epoch before
-    drop_last), batch_size, loader (the ffcv Loader)."""
+    drop_last), batch_size, loader (the ffcv Loader), decoder (the image view decoder of
+    rgb_jpeg files, else None), augmented (True when the decoder already applied the random
+    view: the consumer must not augment again)."""
 
-    def __init__(self, loader, meta: dict, num_samples: int, batch_size: int):
+    def __init__(self, loader, meta: dict, num_samples: int, batch_size: int, decoder=None,
+                 augmented: bool = False):
         self.loader, self.meta = loader, meta
         self.num_samples, self.batch_size = num_samples, batch_size
+        self.decoder, self.augmented = decoder, augmented
 
     @property
     def epoch(self) -> int:
@@ -113,31 +177,63 @@ class BetonLoader:
     def __len__(self) -> int:
         return 0 if self.loader is None else len(self.loader)
 
+    @property
+    def view_recipe(self) -> dict | None:
+        """The decoder's view recipe (rgb_jpeg files), None for raw files (see pad_crop_flip)."""
+        return self.decoder.recipe() if self.decoder is not None else None
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         if self.loader is None:
             return
+        failed_before = 0
+        if self.decoder is not None:  # the views of this iteration use its ordering epoch
+            self.decoder.set_epoch(self.loader.next_epoch)
+            failed_before = self.decoder.failed_decodes
         with _keep_torch_threads():
             it = iter(self.loader)
         exhausted = False
         try:
-            for images, labels, indices in it:
+            while True:
+                _wait_for_batch(it)
+                try:
+                    images, labels, indices = next(it)
+                except StopIteration:
+                    break
                 yield images.permute(0, 3, 1, 2), labels.view(-1), indices.view(-1)
             exhausted = True  # FFCV closed it itself
+            failed = self.decoder.failed_decodes - failed_before if self.decoder is not None else 0
+            if failed:
+                warnings.warn(f"{self.loader.reader.file_name}: {failed} sample(s) failed to "
+                              "decode this epoch (corrupt JPEG data) and were given as black "
+                              "images; rewrite the .beton", RuntimeWarning, stacklevel=2)
         finally:
             if not exhausted:
                 it.close()  # consumer broke early: stop FFCV's prefetch thread
 
 
 def train_loader(path, batch_size: int, num_workers: int, seed: int, distributed: bool,
-                 os_cache: bool = True, drop_last: bool = True) -> BetonLoader:
+                 os_cache: bool = True, drop_last: bool = True, *, image_size=224,
+                 scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, flip: bool = True,
+                 batches_ahead: int = 3) -> BetonLoader:
     """Shuffled training loader (FFCV order RANDOM, reshuffled each epoch from seed + epoch).
 
     distributed=True: FFCV shards the permutation across torch.distributed ranks (padded,
     see module docstring); torch.distributed must be initialised first.
-    os_cache=True shares the page cache between processes; False uses FFCV's process cache."""
+    os_cache=True shares the page cache between processes; False uses FFCV's process cache.
+    batches_ahead: batches FFCV prepares ahead of the consumer.
+    rgb_jpeg files only: image_size (int or (h, w)) of the random resized crop, its scale and
+    ratio ranges, flip (mirror half the views); the views are rrc_view_params(seed, epoch,
+    index, ...). Raw files ignore them (augment with pad_crop_flip)."""
     from ffcv.loader import Loader, OrderOption
 
+    _check_common(batch_size, num_workers, batches_ahead)
     meta = check_beton(path)
+    decoder = None
+    if image_format(meta) == "rgb_jpeg":
+        from .decoders import ReplayableRRCDecoder
+
+        scale, ratio = check_scale_ratio(scale, ratio)
+        decoder = ReplayableRRCDecoder(image_size, seed, scale, ratio, flip)
     if distributed:
         import torch.distributed as dist
 
@@ -151,8 +247,9 @@ def train_loader(path, batch_size: int, num_workers: int, seed: int, distributed
     with _keep_torch_threads():
         loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                         os_cache=os_cache, order=OrderOption.RANDOM, distributed=distributed,
-                        seed=int(seed), pipelines=_pipelines(), drop_last=drop_last)
-    return BetonLoader(loader, meta, n_rank, batch_size)
+                        seed=int(seed), pipelines=_pipelines(decoder), drop_last=drop_last,
+                        batches_ahead=batches_ahead)
+    return BetonLoader(loader, meta, n_rank, batch_size, decoder, augmented=decoder is not None)
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
@@ -166,21 +263,31 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
 
 
 def val_loader(path, batch_size: int, num_workers: int, rank: int, world_size: int,
-               os_cache: bool = True) -> BetonLoader:
+               os_cache: bool = True, *, image_size=224, crop_ratio: float = DEFAULT_CROP_RATIO,
+               batches_ahead: int = 3) -> BetonLoader:
     """Evaluation loader: SEQUENTIAL, drop_last=False, this rank's contiguous shard passed as
     `indices=` so the union over ranks is every sample exactly once, for any world size.
-    A rank with an empty shard (world_size > N) yields nothing."""
+    A rank with an empty shard (world_size > N) yields nothing.
+    rgb_jpeg files only: the centred square of side crop_ratio * shorter side, resized to
+    image_size (int or (h, w)); 224/256 is ImageNet's "resize 256, centre-crop 224"."""
     from ffcv.loader import Loader, OrderOption
 
+    _check_common(batch_size, num_workers, batches_ahead)
     meta = check_beton(path)
     idx = shard_indices(meta["num_samples"], rank, world_size)
     if len(idx) == 0:
         return BetonLoader(None, meta, 0, batch_size)
+    decoder = None
+    if image_format(meta) == "rgb_jpeg":
+        from .decoders import CenterCropDecoder
+
+        decoder = CenterCropDecoder(image_size, crop_ratio)
     with _keep_torch_threads():
         loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                         os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
-                        indices=idx, pipelines=_pipelines(), drop_last=False)
-    return BetonLoader(loader, meta, len(idx), batch_size)
+                        indices=idx, pipelines=_pipelines(decoder), drop_last=False,
+                        batches_ahead=batches_ahead)
+    return BetonLoader(loader, meta, len(idx), batch_size, decoder)
 
 
 def normalize(images: torch.Tensor, mean: Sequence[float] | torch.Tensor,

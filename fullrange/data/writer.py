@@ -5,9 +5,10 @@ File layout (one sample = one row):
     'label'  IntField                       class id
     'index'  IntField                       the sample's own row number (replayable augmentation
                                             and teacher-cache lookup key)
-Sidecar `<path>.json`: format, name, requested, source, split, num_samples, shape [H, W, C],
-num_classes, mean/std per channel in pixel units 0..255 (of the TRAIN split: val files carry
-the train statistics), fingerprint (sha256 of shape + labels + pixels), beton_bytes, fields.
+Sidecar `<path>.json`: format, image_format ("raw"; fullrange.data.imagefolder writes
+"rgb_jpeg" files), name, requested, source, split, num_samples, shape [H, W, C], num_classes,
+mean/std per channel in pixel units 0..255 (of the TRAIN split: val files carry the train
+statistics), fingerprint (sha256 of shape + labels + pixels), beton_bytes, fields.
 
 Both files are written under a temporary name in the same directory and renamed into place
 (os.replace is atomic on POSIX), beton first, sidecar second: a sidecar never describes a
@@ -144,7 +145,8 @@ def write_beton(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
     finally:
         tmp.unlink(missing_ok=True)
 
-    meta = {"format": SIDECAR_FORMAT, "name": name, "source": source, "split": split,
+    meta = {"format": SIDECAR_FORMAT, "image_format": "raw", "name": name, "source": source,
+            "split": split,
             "num_samples": int(len(images)), "shape": list(images.shape[1:]),
             "num_classes": num_classes, "mean": mean, "std": std,
             "stats_units": "pixels 0..255", "fingerprint": fingerprint(images, labels),
