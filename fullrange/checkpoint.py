@@ -51,6 +51,7 @@ class Checkpointer:
         if acc.is_main_process:  # leftovers of saves that were interrupted
             for stale in self.dir.glob(f".tmp_{PREFIX}*"):
                 shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True)  # before any rank writes its RNG state into it
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         acc.wait_for_everyone()
