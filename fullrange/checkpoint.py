@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 
 from accelerate import Accelerator
@@ -52,13 +51,10 @@ class Checkpointer:
         if acc.is_main_process:  # leftovers of saves that were interrupted
             for stale in self.dir.glob(f".tmp_{PREFIX}*"):
                 shutil.rmtree(stale, ignore_errors=True)
-            tmp.mkdir(parents=True)  # before any rank writes its RNG state into it
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        (tmp / f".saved_by_rank_{acc.process_index}").touch()
         acc.wait_for_everyone()
         if acc.is_main_process:
-            self._wait_for_ranks(tmp)
             state = {"epoch": epoch, "step": step, **({"batch": batch} if batch else {})}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
@@ -67,19 +63,6 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
-
-    def _wait_for_ranks(self, tmp: Path, timeout_s: float = 600.0) -> None:
-        """Publish only when every rank's files are complete: each rank leaves a marker after its
-        save_state (a barrier alone proved not enough: a rank was seen still writing its RNG
-        state when the main process renamed the folder)."""
-        markers = [tmp / f".saved_by_rank_{r}" for r in range(self.accelerator.num_processes)]
-        deadline = time.monotonic() + timeout_s
-        while not all(m.exists() for m in markers):
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"{tmp}: not every rank finished saving within {timeout_s:.0f} s")
-            time.sleep(0.05)
-        for m in markers:
-            m.unlink()
 
     def load(self, path: Path) -> dict:
         """Restore accelerator state from ``path``; returns its trainer_state (with "batch", 0

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import numpy as np
 import torch
-from accelerate import Accelerator, InitProcessGroupKwargs
+from accelerate import Accelerator, DistributedType, InitProcessGroupKwargs
 
 
 def make_accelerator(timeout_s: int = 1800) -> Accelerator:
@@ -19,11 +19,21 @@ def make_accelerator(timeout_s: int = 1800) -> Accelerator:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn on every rank
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     handlers = []
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if world_size > 1:
         handlers.append(InitProcessGroupKwargs(backend="nccl" if cuda else "gloo",
                                                timeout=timedelta(seconds=timeout_s)))
-    return Accelerator(mixed_precision="bf16" if cuda else "no", kwargs_handlers=handlers)
+    # Without CUDA, say cpu=True: launched from a config file and no ACCELERATE_USE_CPU in the
+    # environment, accelerate reports DistributedType.NO on every rank (no DDP, no-op barriers and
+    # reductions) although the process group exists. DeepSpeed launches keep their own type.
+    deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    acc = Accelerator(mixed_precision="bf16" if cuda else "no", kwargs_handlers=handlers,
+                      cpu=not cuda and not deepspeed)
+    if world_size > 1 and acc.distributed_type == DistributedType.NO:
+        raise RuntimeError(f"accelerate started {world_size} processes but no distributed mode; "
+                           "check distributed_type in the launch config")
+    return acc
 
 
 def seed_everything(seed: int) -> None:

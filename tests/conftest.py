@@ -62,8 +62,10 @@ def free_port() -> int:
 
 
 def launcher_env(**extra: str) -> dict:
-    """The environment of a CPU `accelerate launch` in tests (one thread per process)."""
-    return {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1", **extra}
+    """The environment of a CPU `accelerate launch` in tests (one thread per process); an extra
+    value of None removes that variable."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "true", "PYTHONUNBUFFERED": "1", **extra}
+    return {k: v for k, v in env.items() if v is not None}
 
 
 def launch_command(script: str, args: list[str], nproc: int = 1, *, config_file: str | None = None,

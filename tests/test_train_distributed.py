@@ -33,3 +33,15 @@ def test_two_process_epoch_weights_agree_and_resume(tmp_path, tiny_data, teacher
     assert [m["epoch"] for m in metrics if "val_top1" in m] == [1, 2]
     assert json.loads((run / "checkpoints" / "epoch_0002" / "trainer_state.json").read_text()) == {"epoch": 2, "step": 16}
     assert not (run / "checkpoints" / "epoch_0001").exists()  # only the last is kept
+
+
+def test_demo_launch_config_trains_with_ddp(tmp_path, tiny_data, teacher_file):
+    """configs/accelerate/cpu_2proc.yaml as scripts/demo.sh uses it (no ACCELERATE_USE_CPU in the
+    environment): the two processes must really be data-parallel, not two independent runs."""
+    args = [str(REPO / "configs" / "fmnist.yaml"), *student_overrides(tiny_data, teacher_file, tmp_path, name="cfg")]
+    done = run_launcher("train.py", args, nproc=2, env={"ACCELERATE_USE_CPU": None},
+                        config_file=str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    epoch = [m for m in read_metrics(tmp_path / "cfg" / "metrics.jsonl") if "val_top1" in m][0]
+    sums = epoch["weights_checksums"]
+    assert len(sums) == 2 and sums[0] == sums[1]
