@@ -23,7 +23,10 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
     path = Path(path)
     tmp = _temp_path(path)
     try:
-        tmp.write_text(text)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

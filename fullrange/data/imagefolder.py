@@ -44,7 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .writer import (FIELDS, SIDECAR_FORMAT, _tmp_name, _write_json_atomic, read_sidecar,
+from fullrange.atomic import write_text_atomic
+
+from .writer import (FIELDS, SIDECAR_FORMAT, _tmp_name, read_sidecar,
                      sidecar_path)
 
 log = logging.getLogger(__name__)
@@ -350,7 +352,7 @@ def write_imagefolder_split(src_split: Path, path: Path, classes: list[str], opt
             "fingerprint_of": "write options, classes, per sample: path, label, BLAKE2b-128 "
                               "of the source file",
             "beton_bytes": path.stat().st_size, "fields": list(FIELDS)}
-    _write_json_atomic(sidecar_path(path), meta)
+    write_text_atomic(sidecar_path(path), json.dumps(meta, indent=1))
     log.info("wrote %s (%d samples, %d as JPEG)", path, len(files), stored_jpeg)
     return meta
 
@@ -392,7 +394,7 @@ def write_imagefolder(src: str | os.PathLike, out_dir: str | os.PathLike, *,
                                               mean, std, workers, split, progress)
         if split == "val":
             meta["val"]["stats_from"] = meta["train"]["stats_from"] + " (train split)"
-            _write_json_atomic(sidecar_path(paths["val"]), meta["val"])
+            write_text_atomic(sidecar_path(paths["val"]), json.dumps(meta["val"], indent=1))
         written.append(split)
     return {"train": str(paths["train"]), "val": str(paths["val"]), "meta": meta,
             "written": written}

@@ -25,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fullrange.atomic import write_text_atomic
+
 log = logging.getLogger(__name__)
 
 SIDECAR_FORMAT = "fullrange-beton-v1"
@@ -77,18 +79,6 @@ class _Rows:
 
 def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(obj, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_beton(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, *,
@@ -152,7 +142,7 @@ def write_beton(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
             "stats_units": "pixels 0..255", "fingerprint": fingerprint(images, labels),
             "beton_bytes": path.stat().st_size, "fields": list(FIELDS),
             **(extra or {})}
-    _write_json_atomic(sidecar_path(path), meta)
+    write_text_atomic(sidecar_path(path), json.dumps(meta, indent=1))
     log.info("wrote %s (%d samples, %s)", path, len(images), images.shape[1:])
     return meta
 
