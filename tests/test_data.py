@@ -14,7 +14,7 @@ import torch
 from fullrange.data import (check_beton, load_bundled, normalize, pad_crop_flip, prepare_bundled,
                             read_idx, read_sidecar, sidecar_path, train_loader, val_loader,
                             view_params, write_beton)
-from fullrange.data import augment, writer
+from fullrange.data import augment
 from fullrange.data.bundled import FMNIST_DIR, _fmnist_available
 
 HAVE_FMNIST = _fmnist_available(FMNIST_DIR)

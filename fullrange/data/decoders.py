@@ -20,7 +20,6 @@ before every iteration, so the view epoch is the ordering epoch.
 """
 from __future__ import annotations
 
-import ctypes
 from dataclasses import replace
 
 import numpy as np
