@@ -38,7 +38,7 @@ class NeuronConfig:
     reset: str = "hard"             # hard | soft
     surrogate_alpha: float = 4.0    # slope of the sigmoid surrogate
     detach_reset: bool = False
-    backend: str = "auto"           # auto (Triton on CUDA, torch elsewhere) | torch | triton
+    backend: str = "auto"           # auto (Triton on CUDA, fused CPU kernel for fp32/fp64 on CPU) | torch | triton | cpu
 
 
 @dataclass

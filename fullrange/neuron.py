@@ -17,9 +17,13 @@ The reset is part of the graph unless ``detach_reset=True``. The backward runs i
 
 Backends: ``"torch"`` is the autograd Function below (a loop over T of fused in-place ATen ops;
 only ``h - threshold`` is saved, in x's dtype); ``"triton"`` is
-``fullrange.kernels.lif.lif_multistep_triton`` (CUDA); ``"auto"`` takes Triton for CUDA tensors
-when it imports, else torch. Half/bf16 inputs are integrated in fp32 and spikes are returned in
-the input dtype.
+``fullrange.kernels.lif.lif_multistep_triton`` (CUDA); ``"cpu"`` is
+``fullrange.kernels.lif_cpu.lif_multistep_cpu`` (fused numba kernels for float32/float64 CPU
+tensors on torch's own threads; autograd keeps only x, from which the backward recomputes
+h - threshold; spikes bit-identical to the torch backend); ``"auto"`` takes Triton
+for CUDA fp32/fp16/bf16 tensors and the CPU kernel for CPU fp32/fp64 tensors when they import,
+else torch (so bf16/fp16 on CPU, e.g. under CPU autocast, stay on torch). Half/bf16 inputs are
+integrated in fp32 and spikes are returned in the input dtype.
 
 Numerics of the torch backend: the charge is evaluated as ``decay * v`` then ``+ x`` (two
 roundings, no fused multiply-add), so its spikes are bit-identical to a plain PyTorch loop of
@@ -39,9 +43,10 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 RESETS = ("hard", "soft")
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+_CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
 __all__ = ["LIF", "lif", "lif_multistep", "lif_membrane", "resolve_backend", "check_lif_args",
            "RESETS", "BACKENDS"]
@@ -239,43 +244,80 @@ def lif_membrane(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0,
     return spikes.to(x.dtype), h_seq, v_seq
 
 
-@functools.lru_cache(maxsize=None)
+_IMPORTED: dict = {}  # kernel name -> (function, None) or (None, why it failed)
+
+
 def _import_triton() -> Tuple[Optional[Callable], Optional[str]]:
     """Lazily import the Triton kernel once: (function, None) or (None, why it failed)."""
-    try:
-        from fullrange.kernels.lif import lif_multistep_triton
-    except ImportError as err:  # no triton, or the kernel module is absent
-        return None, f"{type(err).__name__}: {err}"
-    return lif_multistep_triton, None
+    if "triton" not in _IMPORTED:
+        try:
+            from fullrange.kernels.lif import lif_multistep_triton
+            _IMPORTED["triton"] = (lif_multistep_triton, None)
+        except ImportError as err:  # no triton, or the kernel module is absent
+            _IMPORTED["triton"] = (None, f"{type(err).__name__}: {err}")
+    return _IMPORTED["triton"]
+
+
+def _import_cpu_kernel() -> Tuple[Optional[Callable], Optional[str]]:
+    """Lazily import the fused CPU kernel once: (function, None) or (None, why it failed).
+
+    (A plain dict cache, not functools.lru_cache, which torch.compile warns about.)
+    """
+    if "cpu" not in _IMPORTED:
+        try:
+            from fullrange.kernels import lif_cpu
+            why = lif_cpu.cpu_kernel_error()  # numba did not import
+            _IMPORTED["cpu"] = (None, why) if why else (lif_cpu.lif_multistep_cpu, None)
+        except ImportError as err:  # the kernel module is absent
+            _IMPORTED["cpu"] = (None, f"{type(err).__name__}: {err}")
+    return _IMPORTED["cpu"]
 
 
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
-    """The backend that will run x: "torch" or "triton".
+    """The backend that will run x: "torch", "triton" or "cpu".
 
-    "auto" -> "triton" only for CUDA fp32/fp16/bf16 tensors when fullrange.kernels.lif
-    imports, else "torch" (so float64, e.g. gradcheck on GPU, stays on the torch loop).
-    "triton" raises RuntimeError when the kernel cannot be imported.
+    "auto" -> "triton" for CUDA fp32/fp16/bf16 tensors when fullrange.kernels.lif imports,
+    "cpu" for CPU fp32/fp64 tensors when fullrange.kernels.lif_cpu (numba) imports, else
+    "torch" (float64 on GPU, half/bf16 on CPU, other devices); a fallback from a kernel that
+    did not import warns once. A forced "triton" or "cpu" raises RuntimeError when its kernel
+    cannot be imported; "cpu" also when x is not a float32/float64 CPU tensor.
     """
     if backend not in BACKENDS:
         raise ValueError(f"LIF backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "torch":
         return "torch"
-    if backend == "auto" and not (x.is_cuda and x.dtype in _TRITON_DTYPES):
-        return "torch"
-    fn, why = _import_triton()
-    if fn is not None:
-        return "triton"
+    if backend == "cpu" and not (x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES):
+        raise RuntimeError(f"LIF backend='cpu' needs a float32 or float64 CPU tensor, got "
+                           f"{x.dtype} on {x.device}; use backend='auto' or 'torch'")
+    if backend == "auto":
+        if x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES:
+            backend = "cpu"
+        elif x.is_cuda and x.dtype in _TRITON_DTYPES:
+            backend = "triton"
+        else:
+            return "torch"
+        forced = False
+    else:
+        forced = True
     if backend == "triton":
-        raise RuntimeError(f"LIF backend='triton' but fullrange.kernels.lif could not be "
-                           f"imported ({why}); use backend='torch' or 'auto'")
-    _warn_triton_fallback(why)
+        fn, why = _import_triton()
+        what = "fullrange.kernels.lif (Triton)"
+    else:
+        fn, why = _import_cpu_kernel()
+        what = "fullrange.kernels.lif_cpu (numba)"
+    if fn is not None:
+        return backend
+    if forced:
+        raise RuntimeError(f"LIF backend={backend!r} but {what} could not be imported ({why}); "
+                           f"use backend='torch' or 'auto'")
+    _warn_fallback(what, why)
     return "torch"
 
 
 @functools.lru_cache(maxsize=None)
-def _warn_triton_fallback(why: str) -> None:
-    warnings.warn(f"LIF backend='auto' on CUDA falls back to the torch loop: the Triton kernel "
-                  f"did not import ({why})", RuntimeWarning, stacklevel=3)
+def _warn_fallback(kernel: str, why: str) -> None:
+    warnings.warn(f"LIF backend='auto' falls back to the torch loop: {kernel} is unavailable "
+                  f"({why})", RuntimeWarning, stacklevel=3)
 
 
 def lif(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0, reset: str = "hard",
@@ -284,8 +326,9 @@ def lif(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0, reset: str 
     """LIF over time on the chosen backend: x[T, ...] -> spikes[T, ...]."""
     check_lif_args(decay, threshold, reset, surrogate_alpha, detach_reset, backend)
     _check_input(x)
-    if resolve_backend(backend, x) == "triton":
-        fn, _ = _import_triton()
+    chosen = resolve_backend(backend, x)
+    if chosen != "torch":
+        fn, _ = _import_triton() if chosen == "triton" else _import_cpu_kernel()
         return fn(x, float(decay), float(threshold), reset, float(surrogate_alpha),
                   detach_reset)
     return _lif_torch(x, decay, threshold, reset, surrogate_alpha, detach_reset)

@@ -1,10 +1,11 @@
-"""Triton kernels for fullrange, installed as fullrange.kernels (importable without a GPU).
+"""Kernels for fullrange, installed as fullrange.kernels (importable without a GPU or numba).
 
-Submodules import lazily, so ``import fullrange.kernels`` never touches triton:
-    lif   multi-step LIF forward/backward (``lif_multistep_triton``), a torch.library custom op
+Submodules import lazily, so ``import fullrange.kernels`` touches neither triton nor numba:
+    lif       multi-step LIF forward/backward in Triton (``lif_multistep_triton``), CUDA
+    lif_cpu   the same on the CPU in numba (``lif_multistep_cpu``), float32/float64
 """
 
-__all__ = ["lif_multistep_triton"]
+__all__ = ["lif_multistep_triton", "lif_multistep_cpu"]
 
 
 def __getattr__(name):
@@ -12,4 +13,8 @@ def __getattr__(name):
         from .lif import lif_multistep_triton
 
         return lif_multistep_triton
+    if name == "lif_multistep_cpu":
+        from .lif_cpu import lif_multistep_cpu
+
+        return lif_multistep_cpu
     raise AttributeError(f"module 'fullrange.kernels' has no attribute {name!r}")

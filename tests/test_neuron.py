@@ -1,5 +1,7 @@
 """LIF neuron: forward, membrane and surrogate gradients against an independent step-by-step
-reference, a numerical (gradcheck) check of the backward formula, low precision, arguments."""
+reference, a numerical (gradcheck) check of the backward formula, low precision, arguments.
+The reference and gradcheck tests run on both CPU backends: "torch" and "cpu" (the fused numba
+kernel, fullrange.kernels.lif_cpu; kernel-specific tests are in test_lif_cpu.py)."""
 import itertools
 
 import pytest
@@ -7,7 +9,11 @@ import torch
 from torch.autograd.gradcheck import GradcheckError
 
 import fullrange.neuron as neuron_mod
+from fullrange.kernels.lif_cpu import cpu_kernel_available
 from fullrange.neuron import LIF, lif, lif_membrane, lif_multistep, resolve_backend
+
+needs_numba = pytest.mark.skipif(not cpu_kernel_available(), reason="numba is not importable")
+CPU_BACKENDS = ["torch", pytest.param("cpu", marks=needs_numba)]
 
 
 # ----------------------------------------------------------------------------- reference
@@ -49,17 +55,19 @@ CASES = list(itertools.product(["hard", "soft"], [False, True], [1, 2, 5, 9]))
 
 
 # ----------------------------------------------------------------------------- forward / grads
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reset, detach, T", CASES)
 @pytest.mark.parametrize("decay, theta, alpha", [(0.5, 1.0, 4.0), (0.2, 0.7, 2.5)])
-def test_matches_reference(reset, detach, T, decay, theta, alpha):
+def test_matches_reference(reset, detach, T, decay, theta, alpha, backend):
     x = make_input(T, seed=T).requires_grad_(True)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
 
     s_ref, h_ref, v_ref = ref_lif(x, decay, theta, reset, alpha, detach)
     (g_ref,) = torch.autograd.grad(s_ref, x, grad_out)
 
-    s = lif_multistep(x, decay, theta, reset, alpha, detach)
+    s = lif(x, decay, theta, reset, alpha, detach, backend=backend)
     (g,) = torch.autograd.grad(s, x, grad_out)
+    assert resolve_backend(backend, x) == backend
     assert s.dtype == x.dtype and s.shape == x.shape
     assert torch.equal(s, s_ref.detach())
     assert 0 < s.sum() < s.numel()  # the case exercises both branches
@@ -69,10 +77,10 @@ def test_matches_reference(reset, detach, T, decay, theta, alpha):
     assert torch.equal(s_m, s_ref.detach())
     assert torch.equal(h_m, h_ref.detach()) and torch.equal(v_m, v_ref.detach())
 
-    m = LIF(decay, theta, reset, alpha, detach, backend="torch")
+    m = LIF(decay, theta, reset, alpha, detach, backend=backend)
     assert torch.equal(m(x), s)
     with torch.no_grad():  # the inference path saves nothing but must fire identically
-        assert torch.equal(lif_multistep(x, decay, theta, reset, alpha, detach), s)
+        assert torch.equal(m(x), s)
 
 
 def test_module_is_stateless_and_accepts_noncontiguous():
@@ -120,31 +128,33 @@ def linearised_lif(x, x0, decay, theta, reset, alpha, detach_reset):
 
 
 class SurrogateProbe(torch.autograd.Function):
-    """Numerical side: the linearised LIF around x0. Analytic: lif_multistep's backward at x0."""
+    """Numerical side: the linearised LIF around x0. Analytic: the backend's backward at x0."""
 
     @staticmethod
-    def forward(ctx, x, x0, args):
-        ctx.x0, ctx.args = x0, args
+    def forward(ctx, x, x0, args, backend="torch"):
+        ctx.x0, ctx.args, ctx.backend = x0, args, backend
         return linearised_lif(x, x0, *args)
 
     @staticmethod
     def backward(ctx, g):
         with torch.enable_grad():
             x0 = ctx.x0.clone().requires_grad_(True)
-            (gx,) = torch.autograd.grad(lif_multistep(x0, *ctx.args), x0, g)
-        return gx, None, None
+            (gx,) = torch.autograd.grad(lif(x0, *ctx.args, backend=ctx.backend), x0, g)
+        return gx, None, None, None
 
 
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("reset, detach", list(itertools.product(["hard", "soft"], [False, True])))
-def test_gradcheck_surrogate_backward(reset, detach):
+def test_gradcheck_surrogate_backward(reset, detach, backend):
     args = (0.3, 0.8, reset, 3.0, detach)  # decay, threshold, reset, alpha, detach_reset
     x0 = make_input(5, shape=(4,), seed=3, dtype=torch.float64) * 0.8 + 0.2
-    s = lif_multistep(x0, *args)
+    assert resolve_backend(backend, x0) == backend
+    s = lif(x0, *args, backend=backend)
     assert 0 < s.sum() < s.numel()
     # at least one neuron fires twice, so reset gradients flow through a spike
     assert (s.sum(0) >= 2).any()
     x = x0.clone().requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda x: SurrogateProbe.apply(x, x0, args), (x,),
+    assert torch.autograd.gradcheck(lambda x: SurrogateProbe.apply(x, x0, args, backend), (x,),
                                     eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
@@ -215,9 +225,37 @@ def test_invalid_inputs_raise():
 
 
 # ----------------------------------------------------------------------------- backends
-def test_auto_backend_is_torch_on_cpu():
-    assert resolve_backend("auto", torch.zeros(2)) == "torch"
-    assert resolve_backend("torch", torch.zeros(2)) == "torch"
+def test_auto_backend_on_cpu():
+    fused = "cpu" if cpu_kernel_available() else "torch"
+    for dtype in (torch.float32, torch.float64):
+        assert resolve_backend("auto", torch.zeros(2, dtype=dtype)) == fused
+        assert resolve_backend("torch", torch.zeros(2, dtype=dtype)) == "torch"
+    for dtype in (torch.bfloat16, torch.float16):  # e.g. CPU autocast: the torch loop
+        assert resolve_backend("auto", torch.zeros(2, dtype=dtype)) == "torch"
+
+
+def test_cpu_backend_dispatch(monkeypatch):
+    calls = []
+
+    def fake(x, decay, threshold, reset, alpha, detach_reset):
+        calls.append((decay, threshold, reset, alpha, detach_reset))
+        return torch.zeros_like(x)
+
+    monkeypatch.setattr(neuron_mod, "_import_cpu_kernel", lambda: (fake, None))
+    out = LIF(0.25, 0.75, "soft", 3.0, True, backend="cpu")(torch.ones(2, 3))
+    assert torch.equal(out, torch.zeros(2, 3))
+    assert calls == [(0.25, 0.75, "soft", 3.0, True)]
+    with pytest.raises(RuntimeError, match="float32 or float64 CPU tensor"):
+        lif(torch.ones(2, 3, dtype=torch.bfloat16), backend="cpu")
+
+    monkeypatch.setattr(neuron_mod, "_import_cpu_kernel",
+                        lambda: (None, "ImportError: no numba (test_neuron)"))
+    with pytest.raises(RuntimeError, match="no numba"):
+        lif(torch.ones(2, 3), backend="cpu")
+    with pytest.warns(RuntimeWarning, match="no numba"):  # auto falls back to torch, says why
+        assert resolve_backend("auto", torch.zeros(2)) == "torch"
+    x = make_input(3, seed=4)
+    assert torch.equal(lif(x), lif_multistep(x))
 
 
 def test_triton_backend_dispatch(monkeypatch):
@@ -231,7 +269,7 @@ def test_triton_backend_dispatch(monkeypatch):
     out = LIF(0.25, 0.75, "soft", 3.0, True, backend="triton")(torch.ones(2, 3))
     assert torch.equal(out, torch.zeros(2, 3))
     assert calls == [(0.25, 0.75, "soft", 3.0, True)]
-    assert resolve_backend("auto", torch.zeros(2)) == "torch"  # auto never picks it on CPU
+    assert resolve_backend("auto", torch.zeros(2)) != "triton"  # auto never picks it on CPU
 
     monkeypatch.setattr(neuron_mod, "_import_triton", lambda: (None, "ImportError: no triton"))
     with pytest.raises(RuntimeError, match="no triton"):
