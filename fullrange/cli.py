@@ -55,6 +55,41 @@ def train_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def cache_teacher_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="launcher/cache_teacher.py",
+        description="Compute the teacher's top-k logits once for every training view a student config reads "
+                    "(teacher.*, data.*, seed, data.views or optim.epochs), into teacher.cache_dir. "
+                    "Resumes a partial build; a finished cache is left as it is.")
+    parser.add_argument("config", help="a student config, e.g. configs/fmnist.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.cache_dir=caches/t1 teacher.topk=16")
+    parser.add_argument("--chunk", type=int, default=None, help="samples per shard (rounded up to a multiple of the "
+                        "batch; default 65536)")
+    parser.add_argument("--batch-size", type=int, default=None, help="teacher batch per process "
+                        "(default data.val_batch_size)")
+    args = parser.parse_args(argv)
+    from fullrange.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _fail(str(e))
+    from fullrange.runtime import make_accelerator, shutdown
+    from fullrange.teacher_cache import DEFAULT_CHUNK, build_teacher_cache
+
+    acc = make_accelerator(cfg.dist_timeout_s)
+    clean = False
+    try:
+        build_teacher_cache(cfg, acc, chunk=args.chunk or DEFAULT_CHUNK, batch_size=args.batch_size)
+        clean = True
+    except ConfigError as e:
+        clean = True  # every rank checks the same inputs
+        return _fail(str(e))
+    finally:
+        shutdown(acc, barrier=clean)
+    return 0
+
+
 def sweep_main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="launcher/sweep.py",

@@ -57,6 +57,7 @@ class DataConfig:
     val_image_size: int = 0         # centre-crop output for validation; 0: same as image_size
     val_crop_ratio: float = 0.875   # centre crop / resized short side (224 of 256)
     batches_ahead: int = 3          # batches FFCV prepares ahead
+    views: int = 0                  # random views per sample: 0 a new one every epoch; K cycles K (epoch % K)
 
 
 @dataclass
@@ -83,7 +84,9 @@ class LossConfig:
 class TeacherConfig:
     name: str = ""                  # registered ANN model name; "" for runs without a teacher
     checkpoint: str = ""            # a state_dict file (torchvision key names), e.g. runs/x/model.pt
-    source: str = "live"            # live: the teacher runs in every step
+    source: str = "live"            # live: the teacher runs in every step; cache: read cache_dir, no teacher
+    cache_dir: str = ""             # teacher-logit cache (launcher/cache_teacher.py writes it), e.g. caches/x
+    topk: int = 16                  # logits kept per (view, sample); min(topk, num_classes); = classes: exact
 
 
 @dataclass
@@ -114,13 +117,13 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "neuron.backend": ("auto", "torch", "triton", "cpu"),
     "loss.kind": ("full_range", "skd", "tet", "ce"),
     "loss.sd_target": ("ensemble", "correct_only"),
-    "teacher.source": ("live",),
+    "teacher.source": ("live", "cache"),
 }
 POSITIVE = ("model.T", "model.num_classes", "model.in_channels", "data.batch_size", "data.image_size",
             "data.batches_ahead", "data.rrc_scale_min", "data.val_crop_ratio",
-            "data.val_batch_size", "optim.lr", "optim.epochs", "loss.tau", "stop_check_every",
+            "data.val_batch_size", "teacher.topk", "optim.lr", "optim.epochs", "loss.tau", "stop_check_every",
             "dist_timeout_s")
-NON_NEGATIVE = ("data.num_workers", "data.pad", "data.val_image_size", "optim.momentum", "optim.weight_decay",
+NON_NEGATIVE = ("data.num_workers", "data.pad", "data.views", "data.val_image_size", "optim.momentum", "optim.weight_decay",
                 "optim.warmup_epochs", "optim.grad_clip", "loss.alpha", "loss.beta",
                 "log_every", "max_steps_per_epoch", "checkpoint_every_steps", "seed", "neuron.surrogate_alpha")
 
@@ -245,7 +248,11 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"config key loss.kind: an ANN model ({cfg.model.name}) trains with 'ce', "
                           f"got {cfg.loss.kind!r}")
     if cfg.loss.kind in ("full_range", "skd"):
-        if not cfg.teacher.name or not cfg.teacher.checkpoint:
+        if cfg.teacher.source == "cache":
+            if not cfg.teacher.name or not cfg.teacher.cache_dir:
+                raise ConfigError(f"config keys teacher.name and teacher.cache_dir: loss {cfg.loss.kind!r} with "
+                                  "teacher.source=cache needs the teacher's model name and a cache directory")
+        elif not cfg.teacher.name or not cfg.teacher.checkpoint:
             raise ConfigError(f"config keys teacher.name and teacher.checkpoint: loss {cfg.loss.kind!r} "
                               "needs a teacher (a model name and a weights file)")
         if is_spiking(cfg.teacher.name):

@@ -1,4 +1,5 @@
-"""The training loop on accelerate: an ANN teacher (CE) or a spiking student with a live teacher.
+"""The training loop on accelerate: an ANN teacher (CE) or a spiking student with a teacher that
+is live (runs in every step) or cached (its logits read from fullrange.teacher_cache).
 
 One function, :func:`train`, reads top to bottom: check inputs, build data/model/optimiser,
 resume if asked, then epochs of (train steps, validation over every T' <= T, checkpoint).
@@ -28,7 +29,7 @@ from fullrange.atomic import torch_save_atomic
 from fullrange.batches import BatchPreparer
 from fullrange.checkpoint import Checkpointer
 from fullrange.config import ConfigError, RunConfig, save_config
-from fullrange.data import read_sidecar, train_loader, val_loader, view_options
+from fullrange.data import read_sidecar, train_loader, val_loader, view_epoch, view_options
 from fullrange.losses import student_loss
 from fullrange.metrics import MetricsLog
 from fullrange.models import build_model, is_spiking
@@ -37,11 +38,14 @@ from fullrange.preemption import (EXIT_REQUEUE, Fault, NonFiniteLoss, Preempted,
                                   write_requeue_file)
 from fullrange.runtime import make_accelerator, seed_everything
 from fullrange.sweep import accuracies, all_reduce_counts, iterate_prepared, logits_over_time, prefix_counts
+from fullrange.teacher_cache import TeacherCache
+from fullrange.teachers import load_teacher
 
 
-def check_inputs(cfg: RunConfig, world_size: int) -> dict:
+def check_inputs(cfg: RunConfig, world_size: int) -> tuple[dict, TeacherCache | None]:
     """Every check that needs no training: data files and their metadata against the config,
-    the teacher weights, the batch split and the run directory. Returns the train sidecar."""
+    the teacher weights or cache, the batch split and the run directory. Returns the train
+    sidecar and the checked teacher cache (None unless teacher.source is cache)."""
     metas = {}
     for key in ("data.train_path", "data.val_path"):
         path = Path(getattr(cfg.data, key.split(".")[1]))
@@ -63,31 +67,18 @@ def check_inputs(cfg: RunConfig, world_size: int) -> dict:
     if cfg.data.batch_size % world_size:
         raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} does not split evenly "
                           f"over {world_size} processes")
-    if cfg.teacher.name and cfg.loss.kind in ("full_range", "skd"):
-        load_teacher(cfg)
+    cache = None
+    if cfg.loss.kind in ("full_range", "skd"):
+        if cfg.teacher.source == "cache":
+            cache = TeacherCache(cfg.teacher.cache_dir)
+            cache.check(cfg, meta)
+        else:
+            load_teacher(cfg)
     run_dir = cfg.run_dir
     if not cfg.resume and ((run_dir / "checkpoints").exists() or (run_dir / "model.pt").exists()):
         raise ConfigError(f"config key resume: run directory {run_dir} already holds a run; pass resume=true "
                           "to continue it or choose another name=... (nothing was overwritten)")
-    return meta
-
-
-def load_teacher(cfg: RunConfig) -> nn.Module:
-    """The ANN teacher in eval mode with frozen weights, on the CPU."""
-    path = Path(cfg.teacher.checkpoint)
-    if not path.is_file():
-        raise ConfigError(f"config key teacher.checkpoint: teacher weights {path} not found "
-                          f"(expected a state_dict file for {cfg.teacher.name}, e.g. runs/<teacher>/model.pt)")
-    teacher = build_model(cfg.teacher.name, cfg.model.num_classes, cfg.model.in_channels)
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        teacher.load_state_dict(state)
-    except Exception as e:  # noqa: BLE001 - any unreadable or mismatched file is the same user error
-        first = str(e).strip().splitlines()[0][:300]
-        raise ConfigError(f"config key teacher.checkpoint: {path} does not hold {cfg.teacher.name} weights "
-                          f"for {cfg.model.num_classes} classes ({type(e).__name__}: {first})") from None
-    teacher.eval().requires_grad_(False)
-    return teacher
+    return meta, cache
 
 
 def average_buffers(model: nn.Module, accelerator: Accelerator) -> None:
@@ -102,13 +93,19 @@ def average_buffers(model: nn.Module, accelerator: Accelerator) -> None:
             buf.copy_(accelerator.reduce(buf.detach().clone(), "mean"))
 
 
-def compute_loss(cfg: RunConfig, model: nn.Module, teacher: nn.Module | None, x: torch.Tensor,
-                 y: torch.Tensor, T: int, spiking: bool) -> tuple[torch.Tensor, dict]:
-    """The configured loss of one batch: images x [B,C,H,W], labels y [B] -> (loss, parts)."""
-    z = logits_over_time(model, x, T, spiking)
+def live_teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The live teacher on the student's images x [B,C,H,W] -> logits [B,C], no gradient."""
     with torch.no_grad():  # the teacher stays fp32 when DeepSpeed feeds the student bf16 inputs
-        z_a = teacher(x.to(next(teacher.parameters()).dtype)) if teacher is not None else None
-    return student_loss(cfg.loss.kind, z, y, z_a, cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau, cfg.loss.sd_target)
+        return teacher(x.to(next(teacher.parameters()).dtype))
+
+
+def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, spiking: bool,
+                 teacher_logits: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
+    """The configured loss of one batch: images x [B,C,H,W], labels y [B], teacher logits
+    [B,C] (live or rebuilt from the cache; None without a teacher) -> (loss, parts)."""
+    z = logits_over_time(model, x, T, spiking)
+    return student_loss(cfg.loss.kind, z, y, teacher_logits, cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau,
+                        cfg.loss.sd_target)
 
 
 def weights_checksum(model: nn.Module) -> float:
@@ -167,7 +164,7 @@ def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
 def _train(cfg: RunConfig, acc: Accelerator, signals: StopSignals) -> Path:
     console = Console(stderr=True)
     main = acc.is_main_process
-    meta = check_inputs(cfg, acc.num_processes)
+    meta, cache = check_inputs(cfg, acc.num_processes)
     run_dir = cfg.run_dir
     spiking = is_spiking(cfg.model.name)
     T = cfg.model.T if spiking else 1
@@ -176,7 +173,8 @@ def _train(cfg: RunConfig, acc: Accelerator, signals: StopSignals) -> Path:
     ds_config = _deepspeed_config(acc)
 
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
-    teacher = load_teacher(cfg).to(acc.device) if cfg.loss.kind in ("full_range", "skd") else None
+    live = cfg.loss.kind in ("full_range", "skd") and cache is None
+    teacher = load_teacher(cfg).to(acc.device) if live else None
     if cfg.data.channels_last and ds_config is None:  # DeepSpeed broadcasts weights as flat bytes
         model = model.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
@@ -253,7 +251,8 @@ def _train(cfg: RunConfig, acc: Accelerator, signals: StopSignals) -> Path:
         task = progress.add_task(cfg.name, total=cfg.optim.epochs * steps_per_epoch,
                                  completed=start_epoch * steps_per_epoch + skip, info="")
         for epoch in range(start_epoch, cfg.optim.epochs):
-            train_batches.set_epoch(epoch)  # the shuffle order is a function of (seed, epoch)
+            view = view_epoch(epoch, cfg.data.views)  # the random views: (seed, view, index)
+            train_batches.set_epoch(epoch, view)  # the shuffle order is a function of (seed, epoch)
             model.train()
             done = skip if epoch == start_epoch else 0  # batches of this epoch already trained
             batches = iter(train_batches)
@@ -262,11 +261,14 @@ def _train(cfg: RunConfig, acc: Accelerator, signals: StopSignals) -> Path:
             for i, (images, labels, indices) in enumerate(batches, start=done):
                 if i >= steps_per_epoch:
                     break
-                x, y = prep.train(images, labels, indices, epoch)
+                x, y = prep.train(images, labels, indices, view)
                 if input_dtype is not None:
                     x = x.to(input_dtype)
+                z_a = cache.teacher_logits(view, indices, acc.device) if cache is not None else None
                 with acc.autocast():
-                    loss, parts = compute_loss(cfg, model, teacher, x, y, T, spiking)
+                    if teacher is not None:
+                        z_a = live_teacher_logits(teacher, x)
+                    loss, parts = compute_loss(cfg, model, x, y, T, spiking, z_a)
                 loss = fault.loss(loss, step + 1)
                 stop_check.note_loss(loss)
                 acc.backward(loss)  # with DeepSpeed this also clips (its config) and steps

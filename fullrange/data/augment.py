@@ -60,6 +60,16 @@ def _below(word: torch.Tensor, n: int) -> torch.Tensor:
     return _shr(_shr(word, 32) * n, 32)
 
 
+def view_epoch(epoch: int, views: int) -> int:
+    """The augmentation epoch whose random views training epoch `epoch` sees: `epoch` itself
+    when views == 0 (a new view every epoch), else epoch % views (a bank of `views` views per
+    sample, cycled; the teacher cache then holds `views` views). The shuffle order always
+    follows `epoch`."""
+    if views < 0 or epoch < 0:
+        raise ValueError(f"view_epoch: epoch {epoch} and views {views} must be >= 0")
+    return epoch % views if views else epoch
+
+
 def view_params(seed: int, epoch: int, indices: torch.Tensor, pad: int):
     """Crop offsets and flip bit of each sample's view.
 

@@ -159,20 +159,24 @@ class BetonLoader:
     view: the consumer must not augment again)."""
 
     def __init__(self, loader, meta: dict, num_samples: int, batch_size: int, decoder=None,
-                 augmented: bool = False):
+                 augmented: bool = False, view: int | None = None):
         self.loader, self.meta = loader, meta
         self.num_samples, self.batch_size = num_samples, batch_size
         self.decoder, self.augmented = decoder, augmented
+        self.view = view  # the decoder's augmentation epoch; None: the ordering epoch
 
     @property
     def epoch(self) -> int:
         """The epoch the next iteration will use (FFCV's `next_epoch`)."""
         return 0 if self.loader is None else int(self.loader.next_epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration use `epoch`'s order (e.g. when resuming)."""
+    def set_epoch(self, epoch: int, view: int | None = None) -> None:
+        """Make the next iteration use `epoch`'s order (e.g. when resuming) and, for rgb_jpeg
+        files, the random views of augmentation epoch `view` (default: `epoch`; see
+        fullrange.data.augment.view_epoch for cycling a few views over many epochs)."""
         if self.loader is not None:
             self.loader.next_epoch = int(epoch)
+        self.view = None if view is None else int(view)
 
     def __len__(self) -> int:
         return 0 if self.loader is None else len(self.loader)
@@ -187,7 +191,7 @@ class BetonLoader:
             return
         failed_before = 0
         if self.decoder is not None:  # the views of this iteration use its ordering epoch
-            self.decoder.set_epoch(self.loader.next_epoch)
+            self.decoder.set_epoch(self.loader.next_epoch if self.view is None else self.view)
             failed_before = self.decoder.failed_decodes
         with _keep_torch_threads():
             it = iter(self.loader)
@@ -211,6 +215,31 @@ class BetonLoader:
                 it.close()  # consumer broke early: stop FFCV's prefetch thread
 
 
+def _train_decoder(meta: dict, image_size, seed: int, scale, ratio, flip: bool):
+    """A fresh ReplayableRRCDecoder for rgb_jpeg files, None for raw files."""
+    if image_format(meta) != "rgb_jpeg":
+        return None
+    from .decoders import ReplayableRRCDecoder
+
+    scale, ratio = check_scale_ratio(scale, ratio)
+    return ReplayableRRCDecoder(image_size, seed, scale, ratio, flip)
+
+
+def train_view_recipe(meta: dict, seed: int, pad: int, flip: bool, *, image_size=224,
+                      scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, **_loader_options) -> dict:
+    """Everything besides the stored pixels that decides a training view (teacher-cache
+    manifests compare it): raw files -> pad_crop_flip's hash version, seed, pad and flip;
+    rgb_jpeg files -> the training decoder's recipe (crop hash, seed, scale, ratio, flip,
+    output size, resampling). Extra loader options (batches_ahead) are ignored."""
+    decoder = _train_decoder(meta, image_size, seed, scale, ratio, flip)
+    if decoder is not None:
+        return decoder.recipe()
+    from .augment import AUGMENT_VERSION
+
+    return {"view": f"pad-crop-flip {AUGMENT_VERSION}", "seed": int(seed), "pad": int(pad),
+            "flip": bool(flip)}
+
+
 def train_loader(path, batch_size: int, num_workers: int, seed: int, distributed: bool,
                  os_cache: bool = True, drop_last: bool = True, *, image_size=224,
                  scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, flip: bool = True,
@@ -228,12 +257,7 @@ def train_loader(path, batch_size: int, num_workers: int, seed: int, distributed
 
     _check_common(batch_size, num_workers, batches_ahead)
     meta = check_beton(path)
-    decoder = None
-    if image_format(meta) == "rgb_jpeg":
-        from .decoders import ReplayableRRCDecoder
-
-        scale, ratio = check_scale_ratio(scale, ratio)
-        decoder = ReplayableRRCDecoder(image_size, seed, scale, ratio, flip)
+    decoder = _train_decoder(meta, image_size, seed, scale, ratio, flip)
     if distributed:
         import torch.distributed as dist
 
@@ -250,6 +274,33 @@ def train_loader(path, batch_size: int, num_workers: int, seed: int, distributed
                         seed=int(seed), pipelines=_pipelines(decoder), drop_last=drop_last,
                         batches_ahead=batches_ahead)
     return BetonLoader(loader, meta, n_rank, batch_size, decoder, augmented=decoder is not None)
+
+
+def view_loader(path, indices, batch_size: int, num_workers: int, seed: int, view: int,
+                os_cache: bool = True, *, image_size=224, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO,
+                flip: bool = True, batches_ahead: int = 3) -> BetonLoader:
+    """The training views of augmentation epoch `view` for `indices` (int [n], any order),
+    yielded in that order (SEQUENTIAL, drop_last=False): what the teacher cache runs the
+    teacher on. rgb_jpeg files are decoded with the training decoder at epoch `view`
+    (`augmented` is True); raw files yield the stored pixels: apply
+    pad_crop_flip(images, indices, seed, view, pad, flip) as the trainer does."""
+    from ffcv.loader import Loader, OrderOption
+
+    _check_common(batch_size, num_workers, batches_ahead)
+    meta = check_beton(path)
+    idx = np.asarray(indices, dtype=np.uint64).reshape(-1)
+    if len(idx) == 0:
+        return BetonLoader(None, meta, 0, batch_size)
+    if int(idx.max()) >= meta["num_samples"]:
+        raise ValueError(f"{path}: index {int(idx.max())} out of range for {meta['num_samples']} samples")
+    decoder = _train_decoder(meta, image_size, seed, scale, ratio, flip)
+    with _keep_torch_threads():
+        loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
+                        os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
+                        indices=idx, pipelines=_pipelines(decoder), drop_last=False,
+                        batches_ahead=batches_ahead)
+    return BetonLoader(loader, meta, len(idx), batch_size, decoder, augmented=decoder is not None,
+                       view=int(view))
 
 
 def shard_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:

@@ -1,0 +1,172 @@
+"""Build a teacher cache: the teacher's top-k logits for every (view, training sample), once.
+
+The work is cut into units (view v, chunk c): samples c*chunk .. (c+1)*chunk - 1 seen through
+augmentation epoch v, exactly the pixels a student sees at an epoch whose view is v (same
+loader decoder or pad_crop_flip, same normalisation and dtype as fullrange.batches). Rank 0
+lists the units without a shard file; rank r takes every world-th of them. Each unit's batches
+start at the chunk's first sample (chunk is a multiple of the batch), so a unit's records do not
+depend on the world size or on where an interrupted build stopped: a resumed build ends with
+the same bytes as an uninterrupted one. The manifest is written last (see .layout).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from fullrange.atomic import write_text_atomic
+from fullrange.batches import BatchPreparer
+from fullrange.config import ConfigError, RunConfig
+from fullrange.data import check_beton, view_loader, view_options
+from fullrange.preemption import Fault
+from fullrange.teachers import file_sha256, load_teacher
+
+from .layout import (BUILD, DEFAULT_CHUNK, FORMAT, MANIFEST, RECORD, SHARDS, cache_spec, differences, read_json,
+                     shard_name, views_needed)
+from .records import compress_logits, record_dtype, to_records
+
+
+def _write_shard(path: Path, records: np.ndarray) -> None:
+    """records -> path (.npy) via a temporary name, then its sha256 beside it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, records)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    write_text_atomic(path.with_suffix(".sha256"), file_sha256(path) + "\n")
+
+
+def _chunk_size(requested: int, batch_size: int) -> int:
+    """The smallest multiple of batch_size >= requested (units then start on batch boundaries)."""
+    if requested < 1:
+        raise ConfigError(f"--chunk: expected samples per shard >= 1, got {requested}")
+    return -(-requested // batch_size) * batch_size
+
+
+def _pending_units(shards: Path, views: int, num_chunks: int) -> list[tuple[int, int]]:
+    return [(v, c) for v in range(views) for c in range(num_chunks) if not (shards / shard_name(v, c)).is_file()]
+
+
+def _shard_checksums(shards: Path, views: int, num_chunks: int) -> dict[str, str]:
+    """{shard file name: sha256}; hashes a shard whose .sha256 is missing (a crash between the
+    two renames)."""
+    out = {}
+    for v in range(views):
+        for c in range(num_chunks):
+            path = shards / shard_name(v, c)
+            side = path.with_suffix(".sha256")
+            out[path.name] = side.read_text().strip() if side.is_file() else file_sha256(path)
+    return out
+
+
+def build_teacher_cache(cfg: RunConfig, acc: Accelerator, chunk: int = DEFAULT_CHUNK,
+                        batch_size: int | None = None) -> Path:
+    """Compute (or finish) the cache of cfg.teacher over cfg.data.train_path; returns its
+    directory. Every rank calls this. batch_size: per process (default data.val_batch_size)."""
+    console = Console(stderr=True)
+    main = acc.is_main_process
+    if not cfg.teacher.name or not cfg.teacher.checkpoint or not cfg.teacher.cache_dir:
+        raise ConfigError("config keys teacher.name, teacher.checkpoint and teacher.cache_dir: building a "
+                          "teacher cache needs the teacher's model name, its weights file and the cache directory")
+    try:
+        meta = check_beton(cfg.data.train_path)
+    except (FileNotFoundError, ValueError) as e:
+        raise ConfigError(f"config key data.train_path: {e}") from None
+    teacher = load_teacher(cfg)
+    batch = batch_size or cfg.data.val_batch_size
+    if batch < 1:
+        raise ConfigError(f"--batch-size: expected >= 1, got {batch}")
+    spec = cache_spec(cfg, meta, file_sha256(cfg.teacher.checkpoint))
+    n, views, k = spec["data"]["num_samples"], views_needed(cfg), spec["k"]
+    chunk = _chunk_size(chunk, batch)
+    num_chunks = -(-n // chunk)
+    build = {"format": FORMAT, "spec": spec, "views": views, "chunk": chunk, "batch_size": batch,
+             "num_chunks": num_chunks, "record": RECORD, "record_bytes": record_dtype(k).itemsize}
+    out = Path(cfg.teacher.cache_dir)
+    if (out / MANIFEST).is_file():
+        have = read_json(out / MANIFEST, "the manifest of a finished cache")
+        if have.get("spec") == spec and have.get("views", 0) >= views:
+            if main:
+                console.print(f"teacher cache {out} is complete ({have['views']} views); nothing to do")
+            return out
+        raise ConfigError(f"config key teacher.cache_dir: {out} already holds a finished cache for another "
+                          "teacher, data, seed, recipe, k or fewer views (nothing was overwritten); choose "
+                          "another teacher.cache_dir")
+    if (out / BUILD).is_file():
+        changed = differences(read_json(out / BUILD, "a started build"), build)
+        if changed:
+            raise ConfigError(f"config key teacher.cache_dir: {out} holds a partial build of another cache "
+                              f"({'; '.join(changed)}); resume it with the same config and options, or "
+                              "delete it, or choose another teacher.cache_dir")
+    acc.wait_for_everyone()  # every rank has read the directory before rank 0 writes to it
+    shards = out / SHARDS
+    if main:
+        shards.mkdir(parents=True, exist_ok=True)
+        for stale in shards.glob(".*.tmp"):  # left by a killed build
+            stale.unlink(missing_ok=True)
+        write_text_atomic(out / BUILD, json.dumps(build, indent=1) + "\n")
+    acc.wait_for_everyone()
+    listing = [_pending_units(shards, views, num_chunks) if main else None]
+    broadcast_object_list(listing, from_process=0)
+    mine = listing[0][acc.process_index::acc.num_processes]
+
+    fault = Fault(acc.process_index)
+    teacher = teacher.to(acc.device)
+    if cfg.data.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
+    options = view_options(cfg.data)["train"]
+    rows = sum(min(chunk, n - c * chunk) for _, c in mine)
+    if main:
+        console.print(f"[bold]teacher cache[/] {out}: {cfg.teacher.name} top-{k} over {n} samples x {views} views "
+                      f"({len(listing[0])} of {views * num_chunks} shards to do, {acc.num_processes} process(es))")
+    progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                        TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main)
+    written = 0
+    with progress:
+        task = progress.add_task("teacher logits", total=rows)
+        for view in sorted({v for v, _ in mine}):
+            chunks = [c for v, c in mine if v == view]
+            indices = np.concatenate([np.arange(c * chunk, min(n, (c + 1) * chunk)) for c in chunks])
+            loader = view_loader(cfg.data.train_path, indices, batch, cfg.data.num_workers, cfg.seed, view,
+                                 os_cache=cfg.data.os_cache, **options)
+            prep = BatchPreparer(acc.device, meta["mean"], meta["std"], cfg.seed, cfg.data.pad, cfg.data.flip,
+                                 cfg.data.channels_last, dtype=dtype, augment=not loader.augmented)
+            pending: list[np.ndarray] = []
+            done = 0
+            for images, labels, idx in loader:
+                x, _ = prep.train(images, labels, idx, view)
+                with torch.no_grad(), acc.autocast():
+                    z = teacher(x)
+                pending.append(to_records(*compress_logits(z, k)))
+                done += len(idx)
+                progress.advance(task, len(idx))
+                c = chunks[0]
+                if done == min(chunk, n - c * chunk):  # batches never straddle two chunks
+                    _write_shard(shards / shard_name(view, c), np.concatenate(pending))
+                    pending, done = [], 0
+                    chunks.pop(0)
+                    written += 1
+                    fault.after_step(written)
+    acc.wait_for_everyone()
+    if main:
+        missing = _pending_units(shards, views, num_chunks)
+        if missing:
+            raise RuntimeError(f"teacher cache {out}: shards {missing[:4]}... missing after every rank finished")
+        manifest = {**build, "shards": _shard_checksums(shards, views, num_chunks)}
+        write_text_atomic(out / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+        console.print(f"teacher cache {out}: published {views * num_chunks} shards "
+                      f"({record_dtype(k).itemsize} B per sample-view)")
+    acc.wait_for_everyone()
+    return out
