@@ -77,6 +77,8 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
     from fullrange.runtime import make_accelerator, shutdown
     from fullrange.teacher_cache import DEFAULT_CHUNK, build_teacher_cache
 
+    from fullrange.preemption import EXIT_REQUEUE, Preempted
+
     acc = make_accelerator(cfg.dist_timeout_s)
     clean = False
     try:
@@ -85,6 +87,10 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         clean = True  # every rank checks the same inputs
         return _fail(str(e))
+    except Preempted as e:  # every rank stops after the same round of shards
+        clean = True
+        _fail(str(e))
+        return EXIT_REQUEUE
     finally:
         shutdown(acc, barrier=clean)
     return 0

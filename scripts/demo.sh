@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # README command 1: set up (idempotent), then the whole user workflow on the bundled Fashion-MNIST:
-# write .beton files, train the ANN teacher, train the full-range student and the SKD baseline on
-# the same budget, and sweep both over T' = 1..2T (table + runs/demo/sweep.png).
+# write .beton files, train the ANN teacher, cache its logits, train the full-range student and the
+# SKD baseline on the same budget from that cache, and sweep both over T' = 1..2T (table +
+# runs/demo/sweep.png).
 # Re-running resumes finished runs instead of retraining them. Extra arguments go to every
 # training run as overrides (e.g. optim.epochs=1).
 set -euo pipefail
@@ -17,9 +18,11 @@ start=$(date +%s)
 
 $PY launcher/write_ffcv.py bundled fmnist data/fmnist
 "${LAUNCH[@]}" launcher/train.py configs/fmnist_teacher.yaml out_dir=$OUT resume=true "$@"
+# The teacher's logits on every training view, once; both students read them (no teacher in their steps).
+TEACHER=(teacher.checkpoint=$OUT/fmnist_teacher/model.pt teacher.cache_dir=$OUT/teacher_cache)
+"${LAUNCH[@]}" launcher/cache_teacher.py configs/fmnist.yaml "${TEACHER[@]}" "$@"
 for cfg in fmnist fmnist_skd; do
-    "${LAUNCH[@]}" launcher/train.py configs/$cfg.yaml out_dir=$OUT resume=true \
-        teacher.checkpoint=$OUT/fmnist_teacher/model.pt "$@"
+    "${LAUNCH[@]}" launcher/train.py configs/$cfg.yaml out_dir=$OUT resume=true "${TEACHER[@]}" "$@"
 done
 "${LAUNCH[@]}" launcher/sweep.py $OUT/fmnist_fullrange $OUT/fmnist_skd --out $OUT/sweep
 echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/sweep.json, plot: $OUT/sweep.png"

@@ -10,7 +10,8 @@
 #   OVERRIDES     overrides for every job (default none)
 #   OUT_DIR       run directories go to OUT_DIR/<name> (default runs/pipeline)
 #   NAME_PREFIX   name of students whose line has no name= (default student -> student_K)
-#   CACHE         1: submit step 1 (default); 0: the cache exists already
+#   CACHE         1: submit step 1 and make the students read it (teacher.source=cache; default);
+#                 0: no cache job, students use their config's teacher.source (a cache built earlier)
 #   NODES_CACHE, NODES_STUDENT, NODES_SWEEP   nodes per job (default 1, 1, 1)
 #   MAX_PARALLEL  students running at once (default: all)
 #   SBATCH        the sbatch executable (default sbatch); SBATCH_ARGS extra flags for every job
@@ -66,12 +67,14 @@ submit() {
 }
 
 after=()
+student_overrides="${OVERRIDES:+$OVERRIDES }out_dir=$OUT_DIR"
 if [ "$CACHE" = 1 ]; then
     submit "CONFIG=$CONFIG" "OVERRIDES=$OVERRIDES" -- --nodes="$NODES_CACHE" slurm/cache_teacher.sbatch
     after=(--dependency="afterok:$JOB_ID")
+    student_overrides+=" teacher.source=cache"
 fi
 array="0-$((${#lines[@]} - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}"
-submit "CONFIG=$CONFIG" "OVERRIDES=${OVERRIDES:+$OVERRIDES }out_dir=$OUT_DIR" "OVERRIDES_FILE=$OVERRIDES_FILE" \
+submit "CONFIG=$CONFIG" "OVERRIDES=$student_overrides" "OVERRIDES_FILE=$OVERRIDES_FILE" \
     "NAME_PREFIX=$NAME_PREFIX" -- "${after[@]}" --nodes="$NODES_STUDENT" --array="$array" slurm/students.sbatch
 students_job="$JOB_ID"
 submit "SWEEP_RUNS=${runs[*]}" "SWEEP_ARGS=--out $OUT_DIR/sweep" -- \

@@ -50,7 +50,7 @@ def teacher_file(tmp_path_factory, tiny_data):
 def student_overrides(tiny_data, teacher_file, out_dir, **extra) -> list[str]:
     values = {"data.train_path": tiny_data["train"], "data.val_path": tiny_data["val"],
               "data.batch_size": 32, "data.val_batch_size": 40, "data.num_workers": 1,
-              "model.T": 2, "optim.epochs": 1, "teacher.checkpoint": teacher_file,
+              "model.T": 2, "optim.epochs": 1, "teacher.checkpoint": teacher_file, "teacher.source": "live",
               "out_dir": str(out_dir), "log_every": 2, **extra}
     return [f"{k}={v}" for k, v in values.items()]
 

@@ -154,7 +154,7 @@ def test_pipeline_chains_with_afterok(fake_slurm, tmp_path):
         "sbatch --parsable --partition=gpu --nodes=1 slurm/cache_teacher.sbatch | CONFIG=configs/fmnist.yaml "
         "OVERRIDES= SWEEP_RUNS=",
         "sbatch --parsable --partition=gpu --dependency=afterok:101 --nodes=1 --array=0-1 slurm/students.sbatch"
-        " | CONFIG=configs/fmnist.yaml OVERRIDES=out_dir=runs/p SWEEP_RUNS=",
+        " | CONFIG=configs/fmnist.yaml OVERRIDES=out_dir=runs/p teacher.source=cache SWEEP_RUNS=",
         "sbatch --parsable --partition=gpu --dependency=afterok:102 --nodes=1 slurm/sweep.sbatch | "
         "CONFIG=configs/fmnist.yaml OVERRIDES= SWEEP_RUNS=runs/p/student_0 runs/p/fast",
     ]

@@ -140,6 +140,17 @@ def test_killed_build_resumes_to_the_same_bytes(tmp_path, tiny_data, teacher_fil
     assert r.returncode == 0 and "nothing to do" in r.stderr
 
 
+def test_sigterm_stops_the_build_for_a_requeue(tmp_path, tiny_data, teacher_file):
+    out = tmp_path / "preempted"
+    overrides = cache_config(tiny_data, teacher_file, out)
+    requeue = tmp_path / "requeue.json"
+    r = build(overrides, env={"FULLRANGE_FAULT": "sigterm@2", "FULLRANGE_REQUEUE_FILE": str(requeue)})
+    assert r.returncode == 75, r.stderr[-3000:]
+    assert json.loads(requeue.read_text())["reason"] == "SIGTERM" and len(shard_bytes(out)) == 2
+    r = build(overrides)
+    assert r.returncode == 0 and (out / "manifest.json").is_file(), r.stderr[-3000:]
+
+
 @pytest.mark.parametrize("override, expected", [
     ("seed=1", "views.seed: cache 0, run 1"),
     ("data.pad=3", "views.pad: cache 2, run 3"),
@@ -198,8 +209,7 @@ def test_student_trains_from_the_cache_like_the_live_teacher(caches, tmp_path, t
     common = ["max_steps_per_epoch=4", "log_every=1", f"out_dir={tmp_path}", "optim.epochs=2", "optim.lr=1e-5"]
     r = run_launcher("train.py", [config, *overrides, *common, "name=cached"])
     assert r.returncode == 0, r.stderr[-3000:]
-    live = [o for o in overrides if not o.startswith(("teacher.source", "teacher.cache_dir"))]
-    r = run_launcher("train.py", [config, *live, *common, "name=live"])
+    r = run_launcher("train.py", [config, *overrides, *common, "name=live", "teacher.source=live"])
     assert r.returncode == 0, r.stderr[-3000:]
     logs = {}
     for name in ("cached", "live"):

@@ -3,10 +3,12 @@
 The work is cut into units (view v, chunk c): samples c*chunk .. (c+1)*chunk - 1 seen through
 augmentation epoch v, exactly the pixels a student sees at an epoch whose view is v (same
 loader decoder or pad_crop_flip, same normalisation and dtype as fullrange.batches). Rank 0
-lists the units without a shard file; rank r takes every world-th of them. Each unit's batches
-start at the chunk's first sample (chunk is a multiple of the batch), so a unit's records do not
-depend on the world size or on where an interrupted build stopped: a resumed build ends with
-the same bytes as an uninterrupted one. The manifest is written last (see .layout).
+lists the units without a shard file; in round r, rank i computes unit r * world + i. Each unit
+is its own sequence of batches from the chunk's first sample, so its records do not depend on
+the world size or on where an interrupted build stopped: a resumed build ends with the same
+bytes as an uninterrupted one. After every round the ranks agree on a stop (SIGTERM/SIGUSR1:
+exit 75 with finished shards kept, as in fullrange.preemption). The manifest is written last
+(see .layout).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from fullrange.atomic import write_text_atomic
 from fullrange.batches import BatchPreparer
 from fullrange.config import ConfigError, RunConfig
 from fullrange.data import check_beton, view_loader, view_options
-from fullrange.preemption import Fault
+from fullrange.preemption import EXIT_REQUEUE, Fault, Preempted, StopCheck, StopSignals, write_requeue_file
 from fullrange.teachers import file_sha256, load_teacher
 
 from .layout import (BUILD, DEFAULT_CHUNK, FORMAT, MANIFEST, RECORD, SHARDS, cache_spec, differences, read_json,
@@ -45,13 +47,6 @@ def _write_shard(path: Path, records: np.ndarray) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     write_text_atomic(path.with_suffix(".sha256"), file_sha256(path) + "\n")
-
-
-def _chunk_size(requested: int, batch_size: int) -> int:
-    """The smallest multiple of batch_size >= requested (units then start on batch boundaries)."""
-    if requested < 1:
-        raise ConfigError(f"--chunk: expected samples per shard >= 1, got {requested}")
-    return -(-requested // batch_size) * batch_size
 
 
 def _pending_units(shards: Path, views: int, num_chunks: int) -> list[tuple[int, int]]:
@@ -89,7 +84,8 @@ def build_teacher_cache(cfg: RunConfig, acc: Accelerator, chunk: int = DEFAULT_C
         raise ConfigError(f"--batch-size: expected >= 1, got {batch}")
     spec = cache_spec(cfg, meta, file_sha256(cfg.teacher.checkpoint))
     n, views, k = spec["data"]["num_samples"], views_needed(cfg), spec["k"]
-    chunk = _chunk_size(chunk, batch)
+    if chunk < 1:
+        raise ConfigError(f"--chunk: expected samples per shard >= 1, got {chunk}")
     num_chunks = -(-n // chunk)
     build = {"format": FORMAT, "spec": spec, "views": views, "chunk": chunk, "batch_size": batch,
              "num_chunks": num_chunks, "record": RECORD, "record_bytes": record_dtype(k).itemsize}
@@ -119,7 +115,6 @@ def build_teacher_cache(cfg: RunConfig, acc: Accelerator, chunk: int = DEFAULT_C
     acc.wait_for_everyone()
     listing = [_pending_units(shards, views, num_chunks) if main else None]
     broadcast_object_list(listing, from_process=0)
-    mine = listing[0][acc.process_index::acc.num_processes]
 
     fault = Fault(acc.process_index)
     teacher = teacher.to(acc.device)
@@ -127,38 +122,45 @@ def build_teacher_cache(cfg: RunConfig, acc: Accelerator, chunk: int = DEFAULT_C
         teacher = teacher.to(memory_format=torch.channels_last)
     dtype = torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32
     options = view_options(cfg.data)["train"]
-    rows = sum(min(chunk, n - c * chunk) for _, c in mine)
+
+    def unit_records(view: int, c: int) -> np.ndarray:
+        """The records of chunk c in view `view`, in sample order; batches start at the chunk."""
+        loader = view_loader(cfg.data.train_path, np.arange(c * chunk, min(n, (c + 1) * chunk)), batch,
+                             cfg.data.num_workers, cfg.seed, view, os_cache=cfg.data.os_cache, **options)
+        prep = BatchPreparer(acc.device, meta["mean"], meta["std"], cfg.seed, cfg.data.pad, cfg.data.flip,
+                             cfg.data.channels_last, dtype=dtype, augment=not loader.augmented)
+        parts = []
+        for images, labels, idx in loader:
+            x, _ = prep.train(images, labels, idx, view)
+            with torch.no_grad(), acc.autocast():
+                parts.append(to_records(*compress_logits(teacher(x), k)))
+            progress.advance(task, len(idx))
+        return np.concatenate(parts)
+
+    todo = listing[0]
+    rows = sum(min(chunk, n - c * chunk) for _, c in todo[acc.process_index::acc.num_processes])
     if main:
         console.print(f"[bold]teacher cache[/] {out}: {cfg.teacher.name} top-{k} over {n} samples x {views} views "
-                      f"({len(listing[0])} of {views * num_chunks} shards to do, {acc.num_processes} process(es))")
+                      f"({len(todo)} of {views * num_chunks} shards to do, {acc.num_processes} process(es))")
     progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                         TimeElapsedColumn(), TimeRemainingColumn(), console=console, disable=not main)
-    written = 0
-    with progress:
+    rounds = -(-len(todo) // acc.num_processes)  # round r: rank i computes unit r * world + i
+    with StopSignals() as signals, progress:
+        stop_check = StopCheck(signals, acc.device, acc.process_index, acc.num_processes)
         task = progress.add_task("teacher logits", total=rows)
-        for view in sorted({v for v, _ in mine}):
-            chunks = [c for v, c in mine if v == view]
-            indices = np.concatenate([np.arange(c * chunk, min(n, (c + 1) * chunk)) for c in chunks])
-            loader = view_loader(cfg.data.train_path, indices, batch, cfg.data.num_workers, cfg.seed, view,
-                                 os_cache=cfg.data.os_cache, **options)
-            prep = BatchPreparer(acc.device, meta["mean"], meta["std"], cfg.seed, cfg.data.pad, cfg.data.flip,
-                                 cfg.data.channels_last, dtype=dtype, augment=not loader.augmented)
-            pending: list[np.ndarray] = []
-            done = 0
-            for images, labels, idx in loader:
-                x, _ = prep.train(images, labels, idx, view)
-                with torch.no_grad(), acc.autocast():
-                    z = teacher(x)
-                pending.append(to_records(*compress_logits(z, k)))
-                done += len(idx)
-                progress.advance(task, len(idx))
-                c = chunks[0]
-                if done == min(chunk, n - c * chunk):  # batches never straddle two chunks
-                    _write_shard(shards / shard_name(view, c), np.concatenate(pending))
-                    pending, done = [], 0
-                    chunks.pop(0)
-                    written += 1
-                    fault.after_step(written)
+        for r in range(rounds):
+            u = r * acc.num_processes + acc.process_index
+            if u < len(todo):
+                view, c = todo[u]
+                _write_shard(shards / shard_name(view, c), unit_records(view, c))
+                fault.after_step(r + 1)
+            stop, _ = stop_check.check(r, force=True)  # every rank leaves after the same round
+            if stop and r + 1 < rounds:
+                if main:
+                    write_requeue_file({"reason": stop, "cache": str(out), "shards_left": len(todo) - (r + 1) *
+                                        acc.num_processes})
+                raise Preempted(f"preempted ({stop}) while building the teacher cache {out}; finished shards are "
+                                f"kept; run the same command again to finish it (exit {EXIT_REQUEUE}: requeue)", out)
     acc.wait_for_everyone()
     if main:
         missing = _pending_units(shards, views, num_chunks)
