@@ -8,8 +8,8 @@ last accelerator state: an epoch's end, or a step inside an epoch with checkpoin
 model.pt (the last epoch's weights as a plain state_dict).
 
 Resume is exact: a step checkpoint records (epoch, batches done); the resumed run replays that
-epoch's order (set_epoch) and skips the batches already trained. After every step (every
-stop_check_every) the ranks agree on a stop: a preemption signal -> checkpoint + Preempted, a
+epoch's order (set_epoch) from the first batch not yet trained, without reading the others.
+After every step (every stop_check_every) the ranks agree on a stop: a preemption signal -> checkpoint + Preempted, a
 non-finite loss -> NonFiniteLoss with nothing saved (fullrange.preemption). The same loop runs
 DDP and DeepSpeed ZeRO (accelerate's DeepSpeed plugin): DeepSpeed steps and clips inside
 ``acc.backward``, the run config fills its batch and clipping (_fit_deepspeed_config).
@@ -252,13 +252,11 @@ def _train(cfg: RunConfig, acc: Accelerator, signals: StopSignals) -> Path:
                                  completed=start_epoch * steps_per_epoch + skip, info="")
         for epoch in range(start_epoch, cfg.optim.epochs):
             view = view_epoch(epoch, cfg.data.views)  # the random views: (seed, view, index)
-            train_batches.set_epoch(epoch, view)  # the shuffle order is a function of (seed, epoch)
-            model.train()
             done = skip if epoch == start_epoch else 0  # batches of this epoch already trained
-            batches = iter(train_batches)
-            for _ in range(done):  # resume inside an epoch: the same order, skip what was done
-                next(batches)
-            for i, (images, labels, indices) in enumerate(batches, start=done):
+            # the shuffle order is a function of (seed, epoch); a resume starts at batch `done`
+            train_batches.set_epoch(epoch, view, start_batch=done)
+            model.train()
+            for i, (images, labels, indices) in enumerate(train_batches, start=done):
                 if i >= steps_per_epoch:
                     break
                 x, y = prep.train(images, labels, indices, view)

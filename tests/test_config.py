@@ -49,12 +49,13 @@ def test_parse_override():
     ("model.T=0", "config key model.T: expected > 0"),
     ("model.name=resnet9000", "config key model.name: unknown model"),
     ("neuron.decay=1.5", "config key neuron.decay"),
-    ("teacher.checkpoint=", "teacher.name and teacher.checkpoint"),
+    ("teacher.cache_dir=", "teacher.name and teacher.cache_dir"),
+    ("teacher.source=live teacher.checkpoint=", "teacher.name and teacher.checkpoint"),
     ("optim=3", "config key optim: expected a mapping"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("[", r"\[")):
-        load_config(CONFIGS / "fmnist.yaml", [override])
+        load_config(CONFIGS / "fmnist.yaml", override.split())
 
 
 def test_bad_files(tmp_path):

@@ -239,6 +239,11 @@ def _check_train_epochs(loader, path, images, labels):
     assert loader.epoch == 3
     loader.set_epoch(1)  # resume: replay epoch 1's order
     assert torch.equal(_collect(loader)[2], orders[1])
+    loader.set_epoch(1, start_batch=3)  # resume inside epoch 1: its batches from the 4th on
+    x, y, i = _collect(loader)
+    assert torch.equal(i, orders[1][96:]) and loader.epoch == 2
+    assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(images)[i])
+    assert len(_collect(loader)[2]) == 300  # start_batch applies to one iteration only
     dropped = train_loader(path, batch_size=32, num_workers=1, seed=5, distributed=False)
     assert len(dropped) == 9
     i = _collect(dropped)[2]

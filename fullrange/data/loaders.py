@@ -164,19 +164,41 @@ class BetonLoader:
         self.num_samples, self.batch_size = num_samples, batch_size
         self.decoder, self.augmented = decoder, augmented
         self.view = view  # the decoder's augmentation epoch; None: the ordering epoch
+        self.start_batch = 0  # batches of the next iteration to skip without reading them
 
     @property
     def epoch(self) -> int:
         """The epoch the next iteration will use (FFCV's `next_epoch`)."""
         return 0 if self.loader is None else int(self.loader.next_epoch)
 
-    def set_epoch(self, epoch: int, view: int | None = None) -> None:
+    def set_epoch(self, epoch: int, view: int | None = None, start_batch: int = 0) -> None:
         """Make the next iteration use `epoch`'s order (e.g. when resuming) and, for rgb_jpeg
         files, the random views of augmentation epoch `view` (default: `epoch`; see
-        fullrange.data.augment.view_epoch for cycling a few views over many epochs)."""
+        fullrange.data.augment.view_epoch for cycling a few views over many epochs).
+        start_batch: the next iteration begins at that batch of the epoch (a resume inside an
+        epoch); the batches before it are neither read nor decoded."""
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         if self.loader is not None:
             self.loader.next_epoch = int(epoch)
         self.view = None if view is None else int(view)
+        self.start_batch = int(start_batch)
+
+    def _epoch_iterator(self):
+        """FFCV's Loader.__iter__ (1.0.2), except that the epoch's order starts at
+        start_batch * batch_size: the same batches as a full epoch after skipping start_batch."""
+        loader, start, self.start_batch = self.loader, self.start_batch, 0
+        if not start:
+            return iter(loader)
+        from ffcv.loader.epoch_iterator import EpochIterator
+        from ffcv.pipeline.compiler import Compiler
+
+        Compiler.set_num_threads(loader.num_workers)
+        order = loader.next_traversal_order()[:len(loader) * loader.batch_size]
+        loader.next_epoch += 1
+        if loader.code is None or loader.recompile:
+            loader.generate_code()
+        return EpochIterator(loader, order[start * loader.batch_size:])
 
     def __len__(self) -> int:
         return 0 if self.loader is None else len(self.loader)
@@ -194,7 +216,7 @@ class BetonLoader:
             self.decoder.set_epoch(self.loader.next_epoch if self.view is None else self.view)
             failed_before = self.decoder.failed_decodes
         with _keep_torch_threads():
-            it = iter(self.loader)
+            it = self._epoch_iterator()
         exhausted = False
         try:
             while True:
