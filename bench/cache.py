@@ -8,7 +8,8 @@ Prints three tables:
              records.record_dtype) against full fp16 logits of 1000 classes (2000 B), and the
              measured bytes per record of a built cache's shard files (.npy header included)
   build      images/s of launcher/cache_teacher.py's builder (build_teacher_cache, one process)
-             for the demo teacher (resnet_tiny) on a synthetic 28x28 grey .beton
+             for the demo teacher (resnet_tiny, 28x28 grey, k=10) and the ImageNet config's
+             ResNet-34 (--r34-size RGB, 1000 classes, k=16), on synthetic raw .beton files
   step       student training step time (forward over T, loss, backward, SGD step) with the
              teacher live (its forward in every step) against the cache (memory-mapped lookup of
              the batch's records + rebuild of the [B, C] logits), medians over --repeats
@@ -54,43 +55,47 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=10, help="timed steps per (pair, source)")
     p.add_argument("--r34-batch", type=int, default=4)
     p.add_argument("--r34-size", type=int, default=112, help="image side of the ResNet-34 pair")
+    p.add_argument("--r34-samples", type=int, default=256, help="synthetic images of the ResNet-34 cache build")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     return p.parse_args(argv)
 
 
-def synthetic_beton(out: Path, n: int) -> tuple[Path, Path]:
-    """Random 28x28x1 images with 10 classes as train/val .beton files (the demo's format)."""
+def synthetic_beton(out: Path, n: int, side: int, channels: int, classes: int) -> tuple[Path, Path]:
+    """Random uint8 images [n, side, side, channels] as raw train/val .beton files."""
     from fullrange.data import write_beton
 
     rng = np.random.default_rng(0)
     paths = []
     for split, count in (("train", n), ("val", 64)):
-        x = rng.integers(0, 256, (count, 28, 28, 1), dtype=np.uint8)
-        y = rng.integers(0, 10, count)
+        x = rng.integers(0, 256, (count, side, side, channels), dtype=np.uint8)
+        y = rng.integers(0, classes, count)
         path = out / f"{split}.beton"
-        write_beton(path, x, y, name="synthetic", source="bench/cache.py", split=split, num_classes=10,
-                    mean=[127.5], std=[73.9])
+        write_beton(path, x, y, name="synthetic", source="bench/cache.py", split=split, num_classes=classes,
+                    mean=[127.5] * channels, std=[73.9] * channels)
         paths.append(path)
     return paths[0], paths[1]
 
 
-def bench_build(acc, work: Path, args) -> tuple[dict, TeacherCache, object]:
-    """Build the demo teacher's cache over the synthetic set; returns (row, cache, cfg)."""
-    train, val = synthetic_beton(work, args.samples)
+def bench_build(acc, work: Path, config: str, samples: int, views: int, side: int, channels: int,
+                classes: int, batch: int) -> tuple[dict, TeacherCache, object]:
+    """Build `config`'s teacher cache over a synthetic raw set; returns (row, cache, cfg)."""
+    work.mkdir(parents=True)
+    train, val = synthetic_beton(work, samples, side, channels, classes)
+    cfg = load_config(REPO / config)
     torch.manual_seed(0)
     weights = work / "teacher.pt"
-    torch.save(build_model("resnet_tiny", 10, 1).state_dict(), weights)
-    cfg = load_config(REPO / "configs/fmnist.yaml", [
+    torch.save(build_model(cfg.teacher.name, classes, channels).state_dict(), weights)
+    cfg = load_config(REPO / config, [
         f"data.train_path={train}", f"data.val_path={val}", f"teacher.checkpoint={weights}",
-        f"teacher.cache_dir={work / 'cache'}", f"data.views={args.views}", "data.num_workers=2"])
+        f"teacher.cache_dir={work / 'cache'}", f"data.views={views}", "data.num_workers=2"])
     start = time.perf_counter()
-    build_teacher_cache(cfg, acc, batch_size=512)
+    build_teacher_cache(cfg, acc, batch_size=batch)
     seconds = time.perf_counter() - start
     cache = TeacherCache(cfg.teacher.cache_dir)
     shard_bytes = sum(p.stat().st_size for p in (Path(cfg.teacher.cache_dir) / SHARDS).glob("*.npy"))
-    row = {"teacher": "resnet_tiny", "samples": args.samples, "views": args.views, "k": cache.k,
-           "seconds": seconds, "images_per_s": args.samples * args.views / seconds,
-           "bytes_per_record_on_disk": shard_bytes / (args.samples * args.views)}
+    row = {"teacher": cfg.teacher.name, "image": f"{side}x{side}x{channels}", "samples": samples, "views": views,
+           "k": cache.k, "seconds": seconds, "images_per_s": samples * views / seconds,
+           "bytes_per_record_on_disk": shard_bytes / (samples * views)}
     return row, cache, cfg
 
 
@@ -193,7 +198,10 @@ def main(argv=None) -> int:
     sizes = {f"k={k}": record_dtype(k).itemsize for k in (10, 16, 100)}
     sizes["full fp16, 1000 classes"] = 2 * 1000
     with tempfile.TemporaryDirectory() as tmp:
-        build_row, demo_cache, demo_cfg = bench_build(acc, Path(tmp), args)
+        build_row, demo_cache, demo_cfg = bench_build(acc, Path(tmp) / "demo", "configs/fmnist.yaml", args.samples,
+                                                      args.views, 28, 1, 10, 512)
+        r34_row, _, _ = bench_build(acc, Path(tmp) / "r34", "configs/imagenet_r34.yaml", args.r34_samples, 1,
+                                    args.r34_size, 3, 1000, 32)
         step_rows = bench_steps(demo_cfg, demo_cache, Path(tmp), args, acc.device)
 
     t = Table(title="bytes per (view, sample)")
@@ -204,10 +212,11 @@ def main(argv=None) -> int:
     t.add_row(f"built demo cache on disk (k={build_row['k']})", f"{build_row['bytes_per_record_on_disk']:.1f}")
     console.print(t)
     t = Table(title="cache build (one process)")
-    for col in ("teacher", "images", "seconds", "images/s"):
+    for col in ("teacher", "image", "images", "k", "seconds", "images/s"):
         t.add_column(col, justify="right")
-    t.add_row(build_row["teacher"], f"{build_row['samples']} x {build_row['views']} views",
-              f"{build_row['seconds']:.1f}", f"{build_row['images_per_s']:.0f}")
+    for r in (build_row, r34_row):
+        t.add_row(r["teacher"], r["image"], f"{r['samples']} x {r['views']} views", str(r["k"]),
+                  f"{r['seconds']:.1f}", f"{r['images_per_s']:.0f}")
     console.print(t)
     t = Table(title="student step: live teacher vs cache (median ms)")
     for col in ("pair", "batch", "image", "step, live ms", "step, cache ms", "live / cache", "teacher fwd ms",
@@ -219,7 +228,7 @@ def main(argv=None) -> int:
     console.print(t)
     console.print(f"machine: {machine}")
     if args.json:
-        args.json.write_text(json.dumps({"machine": machine, "bytes": sizes, "build": build_row,
+        args.json.write_text(json.dumps({"machine": machine, "bytes": sizes, "build": [build_row, r34_row],
                                          "steps": step_rows}, indent=1))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
