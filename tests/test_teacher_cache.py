@@ -147,8 +147,12 @@ def test_sigterm_stops_the_build_for_a_requeue(tmp_path, tiny_data, teacher_file
     r = build(overrides, env={"FULLRANGE_FAULT": "sigterm@2", "FULLRANGE_REQUEUE_FILE": str(requeue)})
     assert r.returncode == 75, r.stderr[-3000:]
     assert json.loads(requeue.read_text())["reason"] == "SIGTERM" and len(shard_bytes(out)) == 2
+    r = build([*overrides, "seed=1"])  # shards of two builds never mix
+    assert r.returncode == 2 and "holds a partial build of another cache (spec.views.seed: cache 0, run 1" in r.stderr
     r = build(overrides)
     assert r.returncode == 0 and (out / "manifest.json").is_file(), r.stderr[-3000:]
+    r = build([*overrides, "teacher.topk=5"])  # a finished cache is never overwritten
+    assert r.returncode == 2 and "already holds a finished cache" in r.stderr
 
 
 @pytest.mark.parametrize("override, expected", [

@@ -65,6 +65,25 @@ def _shard_checksums(shards: Path, views: int, num_chunks: int) -> dict[str, str
     return out
 
 
+def _finished(out: Path, build: dict) -> bool:
+    """True when `out` holds a finished cache of this build (same spec, at least its views).
+    ConfigError when it holds a finished cache or a partial build of anything else."""
+    if (out / MANIFEST).is_file():
+        have = read_json(out / MANIFEST, "the manifest of a finished cache")
+        if have.get("spec") == build["spec"] and have.get("views", 0) >= build["views"]:
+            return True
+        raise ConfigError(f"config key teacher.cache_dir: {out} already holds a finished cache for another "
+                          "teacher, data, seed, recipe, k or fewer views (nothing was overwritten); choose "
+                          "another teacher.cache_dir")
+    if (out / BUILD).is_file():
+        changed = differences(read_json(out / BUILD, "a started build"), build)
+        if changed:
+            raise ConfigError(f"config key teacher.cache_dir: {out} holds a partial build of another cache "
+                              f"({'; '.join(changed)}); resume it with the same config and options, or "
+                              "delete it, or choose another teacher.cache_dir")
+    return False
+
+
 def build_teacher_cache(cfg: RunConfig, acc: Accelerator, chunk: int = DEFAULT_CHUNK,
                         batch_size: int | None = None) -> Path:
     """Compute (or finish) the cache of cfg.teacher over cfg.data.train_path; returns its
@@ -90,21 +109,10 @@ def build_teacher_cache(cfg: RunConfig, acc: Accelerator, chunk: int = DEFAULT_C
     build = {"format": FORMAT, "spec": spec, "views": views, "chunk": chunk, "batch_size": batch,
              "num_chunks": num_chunks, "record": RECORD, "record_bytes": record_dtype(k).itemsize}
     out = Path(cfg.teacher.cache_dir)
-    if (out / MANIFEST).is_file():
-        have = read_json(out / MANIFEST, "the manifest of a finished cache")
-        if have.get("spec") == spec and have.get("views", 0) >= views:
-            if main:
-                console.print(f"teacher cache {out} is complete ({have['views']} views); nothing to do")
-            return out
-        raise ConfigError(f"config key teacher.cache_dir: {out} already holds a finished cache for another "
-                          "teacher, data, seed, recipe, k or fewer views (nothing was overwritten); choose "
-                          "another teacher.cache_dir")
-    if (out / BUILD).is_file():
-        changed = differences(read_json(out / BUILD, "a started build"), build)
-        if changed:
-            raise ConfigError(f"config key teacher.cache_dir: {out} holds a partial build of another cache "
-                              f"({'; '.join(changed)}); resume it with the same config and options, or "
-                              "delete it, or choose another teacher.cache_dir")
+    if _finished(out, build):
+        if main:
+            console.print(f"teacher cache {out} is complete; nothing to do")
+        return out
     acc.wait_for_everyone()  # every rank has read the directory before rank 0 writes to it
     shards = out / SHARDS
     if main:

@@ -14,8 +14,8 @@ ignores a shift of all logits, so:
   rounding of the values (exact KD target);
 - k < C: at tau = 1 the k cached classes get exactly the teacher's probabilities and the
   remaining mass (1 - their sum) is spread evenly over the other C - k classes (the rule of
-  FKD); at tau != 1 the ratios between cached classes are exact and the other classes share
-  one logit, m, so the rest mass is exp(-v/tau)-weighted as if they were all equal.
+  FKD); at tau != 1 the ratios among the cached classes are exact, and the other classes are
+  treated as if all their logits equalled m (their spread among themselves is lost).
 Every value is >= 0 (m is at most the largest logit outside the top k), so fp16 holds them with
 a relative error of at most 2**-11.
 """
