@@ -197,6 +197,8 @@ def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | Non
     prep = BatchPreparer(accelerator.device, meta["mean"], meta["std"], cfg.seed, 0, False, cfg.data.channels_last,
                          dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
     model = model.to(accelerator.device)
+    if cfg.data.channels_last:  # as in training: faster convolutions on the CPU, same counts
+        model = model.to(memory_format=torch.channels_last)
     stats = None if thresholds is None else DeployStats(model, T_max, thresholds, accelerator.device)
     counts = prefix_counts(model, iterate_prepared(loader, prep.eval), T_max, spiking, accelerator.autocast, stats)
     counts = all_reduce_counts(counts, accelerator.device)
