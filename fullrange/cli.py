@@ -24,25 +24,38 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("config", help="experiment YAML, e.g. configs/fmnist.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 name=try2 resume=true")
     args = parser.parse_args(argv)
+
+    def work(cfg, acc):
+        from fullrange.engine import train
+
+        train(cfg, acc)
+
+    return _run_on_every_rank(args.config, args.overrides, work)
+
+
+def _run_on_every_rank(config: str, overrides: list[str], work) -> int:
+    """Load the config (bad input: one line, exit 2, before the process group starts), then
+    work(cfg, accelerator) on every rank, with the exit codes of fullrange.preemption: 2 for bad
+    input (ConfigError), 75 when preempted, 3 for a non-finite loss. Every rank raises these at
+    the same point, so the closing barrier is safe after them; any other error skips it."""
     from fullrange.config import ConfigError, load_config
 
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(config, overrides)
     except ConfigError as e:
         return _fail(str(e))
-    from fullrange.engine import train
     from fullrange.preemption import EXIT_NONFINITE, EXIT_REQUEUE, NonFiniteLoss, Preempted
     from fullrange.runtime import make_accelerator, shutdown
 
     acc = make_accelerator(cfg.dist_timeout_s)
     clean = False
     try:
-        train(cfg, acc)
+        work(cfg, acc)
         clean = True
     except ConfigError as e:
-        clean = True  # every rank checks the same inputs
+        clean = True
         return _fail(str(e))
-    except Preempted as e:  # every rank stops at the same step (see fullrange.preemption)
+    except Preempted as e:
         clean = True
         _fail(str(e))
         return EXIT_REQUEUE
@@ -63,37 +76,17 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
                     "Resumes a partial build; a finished cache is left as it is.")
     parser.add_argument("config", help="a student config, e.g. configs/fmnist.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. teacher.cache_dir=caches/t1 teacher.topk=16")
-    parser.add_argument("--chunk", type=int, default=None, help="samples per shard (rounded up to a multiple of the "
-                        "batch; default 65536)")
+    parser.add_argument("--chunk", type=int, default=None, help="samples per shard (default 65536)")
     parser.add_argument("--batch-size", type=int, default=None, help="teacher batch per process "
                         "(default data.val_batch_size)")
     args = parser.parse_args(argv)
-    from fullrange.config import ConfigError, load_config
 
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except ConfigError as e:
-        return _fail(str(e))
-    from fullrange.runtime import make_accelerator, shutdown
-    from fullrange.teacher_cache import DEFAULT_CHUNK, build_teacher_cache
+    def work(cfg, acc):
+        from fullrange.teacher_cache import DEFAULT_CHUNK, build_teacher_cache
 
-    from fullrange.preemption import EXIT_REQUEUE, Preempted
-
-    acc = make_accelerator(cfg.dist_timeout_s)
-    clean = False
-    try:
         build_teacher_cache(cfg, acc, chunk=args.chunk or DEFAULT_CHUNK, batch_size=args.batch_size)
-        clean = True
-    except ConfigError as e:
-        clean = True  # every rank checks the same inputs
-        return _fail(str(e))
-    except Preempted as e:  # every rank stops after the same round of shards
-        clean = True
-        _fail(str(e))
-        return EXIT_REQUEUE
-    finally:
-        shutdown(acc, barrier=clean)
-    return 0
+
+    return _run_on_every_rank(args.config, args.overrides, work)
 
 
 def sweep_main(argv: list[str] | None = None) -> int:

@@ -52,35 +52,6 @@ LOW_TOL = {"bfloat16": 1.5e-2, "float16": 2e-3}
 # ---------------------------------------------------------------- worker (runs in a subprocess)
 
 
-def _reference_lif(x, decay, threshold, reset, alpha, detach_reset):
-    """Step-by-step torch LIF with a sigmoid-surrogate Heaviside; returns (spikes, h - theta)."""
-    import torch
-
-    class Spike(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, d):
-            ctx.save_for_backward(d)
-            return (d >= 0).to(d.dtype)
-
-        @staticmethod
-        def backward(ctx, g):
-            (d,) = ctx.saved_tensors
-            sig = torch.sigmoid(alpha * d)
-            return g * alpha * sig * (1 - sig)
-
-    v = torch.zeros_like(x[0])
-    spikes, ds = [], []
-    for t in range(x.shape[0]):
-        h = decay * v + x[t]
-        d = h - threshold
-        s = Spike.apply(d)
-        r = s.detach() if detach_reset else s
-        v = h * (1 - r) if reset == "hard" else h - threshold * r
-        spikes.append(s)
-        ds.append(d)
-    return torch.stack(spikes), torch.stack(ds)
-
-
 def _case_inputs(dtype, t, inner, threshold, seed):
     import torch
 
@@ -96,6 +67,7 @@ def _case_inputs(dtype, t, inner, threshold, seed):
 def _run_case(case, seed):
     import torch
     from fullrange.kernels.lif import _lif_fwd, lif_multistep_triton
+    from lif_reference import reference_lif
 
     name, dtype, t, inner, reset, detach, decay, threshold, alpha = case
     x, grad_s = _case_inputs(dtype, t, inner, threshold, seed)
@@ -105,10 +77,10 @@ def _run_case(case, seed):
     _, state = _lif_fwd(x, decay, threshold, reset == "soft", alpha, detach, True)
 
     xr = x.float().requires_grad_()
-    ref_s, ref_d = _reference_lif(xr, decay, threshold, reset, alpha, detach)
+    ref_s, ref_h, _ = reference_lif(xr, decay, threshold, reset, alpha, detach)
     ref_s.backward(grad_s.float())
     low = dtype != "float32"
-    ref_d = ref_d.detach()
+    ref_d = ref_h.detach() - threshold
     return {
         "shape_ok": spikes.shape == x.shape and xk.grad.shape == x.shape,
         "dtype_ok": spikes.dtype == x.dtype and state.dtype == x.dtype and xk.grad.dtype == x.dtype,
@@ -126,13 +98,14 @@ def _run_case(case, seed):
 def _extra_checks():
     import torch
     from fullrange.kernels.lif import _lif_bwd, _lif_fwd, lif_multistep_triton
+    from lif_reference import reference_lif
 
     out = {}
     x, grad_s = _case_inputs("float32", 4, [3, 33], 1.0, seed=7)
     # No grad needed -> no state is written; spikes unchanged.
     with torch.no_grad():
         s_nograd = lif_multistep_triton(x.clone().requires_grad_(), 0.5, 1.0, "hard", 4.0, False)
-    s_ref, _ = _reference_lif(x, 0.5, 1.0, "hard", 4.0, False)
+    s_ref = reference_lif(x, 0.5, 1.0, "hard", 4.0, False)[0]
     _, state = _lif_fwd(x, 0.5, 1.0, False, 4.0, False, False)
     out["nograd_spikes_equal"] = bool(torch.equal(s_nograd, s_ref))
     out["nograd_state_empty"] = state.numel() == 0

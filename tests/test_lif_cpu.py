@@ -24,6 +24,7 @@ import torch
 
 from fullrange.kernels import lif_cpu
 from fullrange.kernels.lif_cpu import _lif_cpu_bwd, _lif_cpu_fwd, lif_multistep_cpu
+from lif_reference import reference_lif
 
 pytestmark = pytest.mark.skipif(not lif_cpu.cpu_kernel_available(),
                                 reason=f"numba is not importable: {lif_cpu.cpu_kernel_error()}")
@@ -31,34 +32,6 @@ REPO = Path(__file__).resolve().parents[1]
 PAPER = {"hard": (0.5, 1.0, 4.0), "soft": (0.2, 1.0, 4.0)}  # reset -> (decay, theta, alpha)
 CASES = [(reset, detach, t, n) for reset, detach, t, n in
          itertools.product(["hard", "soft"], [False, True], [1, 2, 4, 6], [1, 4097])]
-
-
-def reference(x, decay, theta, reset, alpha, detach_reset):
-    """Step-by-step autograd LIF with a sigmoid-surrogate Heaviside: (spikes, h - theta)."""
-
-    class Spike(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, d):
-            ctx.save_for_backward(d)
-            return (d >= 0).to(d.dtype)
-
-        @staticmethod
-        def backward(ctx, g):
-            (d,) = ctx.saved_tensors
-            sig = torch.sigmoid(alpha * d)
-            return g * alpha * sig * (1 - sig)
-
-    v = torch.zeros_like(x[0])
-    spikes, ds = [], []
-    for t in range(x.shape[0]):
-        h = decay * v + x[t]
-        d = h - theta
-        s = Spike.apply(d)
-        r = s.detach() if detach_reset else s
-        v = h * (1 - r) if reset == "hard" else h - theta * r
-        spikes.append(s)
-        ds.append(d)
-    return torch.stack(spikes), torch.stack(ds)
 
 
 def make_inputs(t, inner, theta=1.0, seed=0, dtype=torch.float32):
@@ -72,7 +45,7 @@ def make_inputs(t, inner, theta=1.0, seed=0, dtype=torch.float32):
 def check_against_reference(t, inner, reset, detach, decay, theta, alpha, seed, dtype=torch.float32):
     x, grad_s = make_inputs(t, inner, theta, seed, dtype)
     xr = x.clone().requires_grad_()
-    ref_s, ref_d = reference(xr, decay, theta, reset, alpha, detach)
+    ref_s, ref_h, _ = reference_lif(xr, decay, theta, reset, alpha, detach)
     ref_s.backward(grad_s)
     xk = x.clone().requires_grad_()
     s = lif_multistep_cpu(xk, decay, theta, reset, alpha, detach)
@@ -82,7 +55,7 @@ def check_against_reference(t, inner, reset, detach, decay, theta, alpha, seed, 
                       reset == "soft")
     assert s.shape == x.shape and s.dtype == x.dtype and xk.grad.dtype == x.dtype
     assert torch.equal(s, ref_s.detach())
-    assert torch.equal(d, ref_d.detach())  # same roundings as the reference: exact
+    assert torch.equal(d, ref_h.detach() - theta)  # same roundings as the reference: exact
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     torch.testing.assert_close(xk.grad, xr.grad, rtol=0, atol=tol)
     return ref_s
@@ -190,7 +163,7 @@ def test_sigmoid_slope_accuracy():
 
 def test_saves_only_x_and_layouts():
     x, grad_s = make_inputs(4, [3, 33], seed=7)
-    ref_s, _ = reference(x, 0.5, 1.0, "hard", 4.0, False)
+    ref_s = reference_lif(x, 0.5, 1.0, "hard", 4.0, False)[0]
     with torch.no_grad():
         assert torch.equal(lif_multistep_cpu(x.clone().requires_grad_(), 0.5, 1.0, "hard", 4.0, False), ref_s)
     saved = []
@@ -208,7 +181,7 @@ def test_saves_only_x_and_layouts():
     xr = x.clone().requires_grad_()
     lif_multistep_cpu(xr, 0.5, 1.0, "soft", 4.0, False).sum().backward()  # stride-0 gradient
     xe = x.clone().requires_grad_()
-    reference(xe, 0.5, 1.0, "soft", 4.0, False)[0].sum().backward()
+    reference_lif(xe, 0.5, 1.0, "soft", 4.0, False)[0].sum().backward()
     torch.testing.assert_close(xr.grad, xe.grad, rtol=0, atol=1e-5)
 
 

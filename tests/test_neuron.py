@@ -11,41 +11,13 @@ from torch.autograd.gradcheck import GradcheckError
 import fullrange.neuron as neuron_mod
 from fullrange.kernels.lif_cpu import cpu_kernel_available
 from fullrange.neuron import LIF, lif, lif_membrane, lif_multistep, resolve_backend
+from lif_reference import reference_lif
 
 needs_numba = pytest.mark.skipif(not cpu_kernel_available(), reason="numba is not importable")
 CPU_BACKENDS = ["torch", pytest.param("cpu", marks=needs_numba)]
 
 
 # ----------------------------------------------------------------------------- reference
-class RefSpike(torch.autograd.Function):
-    """Heaviside forward, sigmoid-surrogate backward: ds/du = a*sig(a u)*(1 - sig(a u))."""
-
-    @staticmethod
-    def forward(ctx, u, alpha):
-        ctx.save_for_backward(u)
-        ctx.alpha = alpha
-        return (u >= 0).to(u.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (u,) = ctx.saved_tensors
-        sig = torch.sigmoid(ctx.alpha * u)
-        return g * ctx.alpha * sig * (1 - sig), None
-
-
-def ref_lif(x, decay, theta, reset, alpha, detach_reset):
-    """Per-step loop with plain autograd: returns spikes, h (pre-fire), v (post-reset)."""
-    v = torch.zeros_like(x[0])
-    spikes, hs, vs = [], [], []
-    for t in range(x.shape[0]):
-        h = decay * v + x[t]
-        s = RefSpike.apply(h - theta, alpha)
-        r = s.detach() if detach_reset else s
-        v = h * (1 - r) if reset == "hard" else h - theta * r
-        spikes.append(s), hs.append(h), vs.append(v)
-    return torch.stack(spikes), torch.stack(hs), torch.stack(vs)
-
-
 def make_input(T, shape=(3, 4, 5), seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(T, *shape, generator=g, dtype=torch.float64) * 1.2 + 0.6).to(dtype)
@@ -62,7 +34,7 @@ def test_matches_reference(reset, detach, T, decay, theta, alpha, backend):
     x = make_input(T, seed=T).requires_grad_(True)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
 
-    s_ref, h_ref, v_ref = ref_lif(x, decay, theta, reset, alpha, detach)
+    s_ref, h_ref, v_ref = reference_lif(x, decay, theta, reset, alpha, detach)
     (g_ref,) = torch.autograd.grad(s_ref, x, grad_out)
 
     s = lif(x, decay, theta, reset, alpha, detach, backend=backend)
@@ -180,7 +152,7 @@ def test_gradcheck_catches_a_wrong_formula(monkeypatch):
 def test_low_precision_integrates_in_fp32(dtype, reset):
     x = make_input(6, shape=(64, 32), seed=5).to(dtype)
     x32 = x.float()
-    s_ref, h_ref, _ = ref_lif(x32, 0.2, 1.0, reset, 4.0, False)
+    s_ref, h_ref, _ = reference_lif(x32, 0.2, 1.0, reset, 4.0, False)
     xr = x.clone().requires_grad_(True)
     s = lif_multistep(xr, 0.2, 1.0, reset, 4.0, False)
     assert s.dtype == dtype

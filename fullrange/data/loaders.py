@@ -248,11 +248,11 @@ def _train_decoder(meta: dict, image_size, seed: int, scale, ratio, flip: bool):
 
 
 def train_view_recipe(meta: dict, seed: int, pad: int, flip: bool, *, image_size=224,
-                      scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, **_loader_options) -> dict:
+                      scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> dict:
     """Everything besides the stored pixels that decides a training view (teacher-cache
     manifests compare it): raw files -> pad_crop_flip's hash version, seed, pad and flip;
     rgb_jpeg files -> the training decoder's recipe (crop hash, seed, scale, ratio, flip,
-    output size, resampling). Extra loader options (batches_ahead) are ignored."""
+    output size, resampling)."""
     decoder = _train_decoder(meta, image_size, seed, scale, ratio, flip)
     if decoder is not None:
         return decoder.recipe()

@@ -48,7 +48,8 @@ def cache_spec(cfg: RunConfig, meta: dict, weights_sha256: str | None) -> dict:
         "teacher": {"name": cfg.teacher.name, "weights_sha256": weights_sha256},
         "data": {"fingerprint": meta["fingerprint"], "num_samples": int(meta["num_samples"]),
                  "num_classes": int(meta["num_classes"]), "mean": meta["mean"], "std": meta["std"]},
-        "views": train_view_recipe(meta, cfg.seed, cfg.data.pad, **options),
+        "views": train_view_recipe(meta, cfg.seed, cfg.data.pad, options["flip"], image_size=options["image_size"],
+                                   scale=options["scale"], ratio=options["ratio"]),
         "k": effective_k(cfg.teacher.topk, int(meta["num_classes"])),
     }
 
