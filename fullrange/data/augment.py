@@ -12,6 +12,8 @@ Hash (AUGMENT_VERSION = "splitmix64-v1"), all arithmetic modulo 2**64:
     word_k  = mix(key ^ k)            k = 0 (dy), 1 (dx), 2 (flip)
     dy, dx  = ((word >> 32) * (2*pad + 1)) >> 32     (Lemire range reduction, in [0, 2*pad])
     flip    = word_2 >> 63                           (top bit)
+Other replayable draws take further words of the same key through `hash_words`; the word
+numbers in use: 0-2 here, 8-47 views.py (random resized crop), 64-70 autoaugment.py.
 Torch has no uint64, so this runs on int64: multiplication wraps modulo 2**64 like uint64 and
 right shifts are arithmetic, so each shift is masked to make it logical. A pure-Python reference
 (`_reference_words`) is kept for tests.
@@ -58,6 +60,15 @@ def _key(seed: int, epoch: int, indices: torch.Tensor) -> torch.Tensor:
 def _below(word: torch.Tensor, n: int) -> torch.Tensor:
     """Map a 64-bit hash word to [0, n) with the high 32 bits (bias <= n / 2**32)."""
     return _shr(_shr(word, 32) * n, 32)
+
+
+def hash_words(seed: int, epoch: int, indices: torch.Tensor, ks) -> list[torch.Tensor]:
+    """The hash words word_k = mix(key ^ k), k in `ks`, of each sample's key (see the module
+    docstring): the raw 64-bit draws (as int64 bits) of every replayable augmentation.
+
+    indices: int64 [B]. Returns one int64 [B] per k, on the device of `indices`."""
+    key = _key(seed, epoch, torch.as_tensor(indices))
+    return [_mix(key ^ k) for k in ks]
 
 
 def view_epoch(epoch: int, views: int) -> int:
