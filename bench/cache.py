@@ -36,7 +36,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from fullrange.config import load_config  # noqa: E402
-from fullrange.engine import compute_loss, live_teacher_logits  # noqa: E402
+from fullrange.evaluate import logits_over_time  # noqa: E402
+from fullrange.losses import student_loss  # noqa: E402
+from fullrange.targets import LiveTeacher  # noqa: E402
 from fullrange.models import build_model  # noqa: E402
 from fullrange.optim import build_optimizer  # noqa: E402
 from fullrange.runtime import make_accelerator  # noqa: E402
@@ -125,13 +127,16 @@ def time_steps(cfg, student, teacher, cache, x, y, indices, repeats: int) -> dic
     """Median seconds of one training step with the live teacher and with the cache."""
     optimizer = build_optimizer(student, cfg.optim)
     student.train()
+    live = LiveTeacher(teacher)
 
     def step(source: str) -> float:
         sync()
         start = time.perf_counter()
         with autocast():
-            z_a = live_teacher_logits(teacher, x) if source == "live" else cache.teacher_logits(0, indices, x.device)
-            loss, _ = compute_loss(cfg, student, x, y, cfg.model.T, True, z_a)
+            z_a = (live if source == "live" else cache).targets(x, indices, 0)
+            c = cfg.loss
+            loss, _ = student_loss(c.kind, logits_over_time(student, x, cfg.model.T, True), y, z_a, c.alpha, c.beta,
+                                   c.tau, c.sd_target)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -143,7 +148,7 @@ def time_steps(cfg, student, teacher, cache, x, y, indices, repeats: int) -> dic
         sync()
         start = time.perf_counter()
         with torch.no_grad(), autocast():
-            live_teacher_logits(teacher, x) if source == "live" else cache.teacher_logits(0, indices, x.device)
+            (live if source == "live" else cache).targets(x, indices, 0)
         sync()
         return time.perf_counter() - start
 

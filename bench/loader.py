@@ -124,7 +124,7 @@ def epoch_rate(loader) -> float:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from fullrange.data import read_sidecar, rrc_view_params, train_loader, write_imagefolder
+    from fullrange.data import ViewSpec, read_sidecar, rrc_view_params, train_loader, write_imagefolder
     from fullrange.data.imagefolder import list_classes, scan_split
 
     tmp = tempfile.TemporaryDirectory(prefix="fullrange-bench-")
@@ -152,8 +152,8 @@ def main(argv=None) -> int:
                                 num_workers=args.workers, progress=False)
         meta = read_sidecar(out["train"])
         pipelines[f"fullrange ffcv {mode}"] = (
-            train_loader(out["train"], args.batch_size, args.workers, seed, distributed=False,
-                         image_size=args.size, drop_last=False),
+            train_loader(out["train"], args.batch_size, args.workers, ViewSpec(seed=seed, image_size=args.size),
+                         distributed=False, drop_last=False),
             meta["stored_jpeg"])
 
     from PIL import Image

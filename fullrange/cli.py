@@ -19,7 +19,8 @@ def _fail(message: str) -> int:
     return EXIT_BAD_INPUT
 
 
-def train_main(argv: list[str] | None = None) -> int:
+def train_main(argv: list[str] | None = None, hooks=None) -> int:
+    """hooks: None, or hooks(accelerator) -> step hooks for fullrange.engine.train (tests)."""
     parser = argparse.ArgumentParser(prog="launcher/train.py", description="Train an ANN teacher or a full-range spiking student.")
     parser.add_argument("config", help="experiment YAML, e.g. configs/fmnist.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=0.05 name=try2 resume=true")
@@ -28,7 +29,7 @@ def train_main(argv: list[str] | None = None) -> int:
     def work(cfg, acc):
         from fullrange.engine import train
 
-        train(cfg, acc)
+        train(cfg, acc, hooks(acc) if hooks else ())
 
     return _run_on_every_rank(args.config, args.overrides, work)
 
@@ -47,7 +48,10 @@ def _run_on_every_rank(config: str, overrides: list[str], work) -> int:
     from fullrange.preemption import EXIT_NONFINITE, EXIT_REQUEUE, NonFiniteLoss, Preempted
     from fullrange.runtime import make_accelerator, shutdown
 
-    acc = make_accelerator(cfg.dist_timeout_s)
+    try:
+        acc = make_accelerator(cfg.dist_timeout_s)
+    except ConfigError as e:
+        return _fail(str(e))
     clean = False
     try:
         work(cfg, acc)
@@ -68,7 +72,8 @@ def _run_on_every_rank(config: str, overrides: list[str], work) -> int:
     return 0
 
 
-def cache_teacher_main(argv: list[str] | None = None) -> int:
+def cache_teacher_main(argv: list[str] | None = None, hooks=None) -> int:
+    """hooks: None, or hooks(accelerator) -> round hooks for build_teacher_cache (tests)."""
     parser = argparse.ArgumentParser(
         prog="launcher/cache_teacher.py",
         description="Compute the teacher's top-k logits once for every training view a student config reads "
@@ -84,7 +89,8 @@ def cache_teacher_main(argv: list[str] | None = None) -> int:
     def work(cfg, acc):
         from fullrange.teacher_cache import DEFAULT_CHUNK, build_teacher_cache
 
-        build_teacher_cache(cfg, acc, chunk=args.chunk or DEFAULT_CHUNK, batch_size=args.batch_size)
+        build_teacher_cache(cfg, acc, chunk=args.chunk or DEFAULT_CHUNK, batch_size=args.batch_size,
+                            hooks=hooks(acc) if hooks else ())
 
     return _run_on_every_rank(args.config, args.overrides, work)
 
@@ -143,7 +149,12 @@ def sweep_main(argv: list[str] | None = None) -> int:
     from fullrange.runtime import make_accelerator, shutdown
     from fullrange.sweep import sweep_run
 
-    acc = make_accelerator()
+    from fullrange.config import ConfigError
+
+    try:
+        acc = make_accelerator()
+    except ConfigError as e:
+        return _fail(str(e))
     try:
         results = {}
         for run in args.runs:
@@ -164,6 +175,44 @@ def sweep_main(argv: list[str] | None = None) -> int:
         return _fail(str(e))
     finally:
         shutdown(acc)
+    return 0
+
+
+def convert_official_main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="launcher/convert_official.py",
+        description="Turn a checkpoint of the official code (its best_net entry) into a fullrange run directory "
+                    "OUT_DIR/NAME with config.yaml and model.pt, ready for launcher/sweep.py; see "
+                    "fullrange.models.official for the key layouts.")
+    parser.add_argument("checkpoint", type=Path, help="the official checkpoint, e.g. log/model_weights.pth")
+    parser.add_argument("config", help="the matching fullrange config, e.g. configs/imagenet_r34.yaml")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. name=official_r34 out_dir=runs")
+    args = parser.parse_args(argv)
+    from fullrange.config import ConfigError, load_config, save_config
+
+    try:
+        cfg = load_config(args.config, args.overrides)
+    except ConfigError as e:
+        return _fail(str(e))
+    if not args.checkpoint.is_file():
+        return _fail(f"{args.checkpoint}: not found (expected an official checkpoint file)")
+    import pickle
+
+    from fullrange.atomic import torch_save_atomic
+    from fullrange.models import build_model
+    from fullrange.models.official import load_official
+
+    model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
+    try:
+        load_official(args.checkpoint, cfg.model.name, model)
+    except (ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        return _fail(f"{args.checkpoint}: {str(e).splitlines()[0]}")
+    run = cfg.run_dir
+    if (run / "model.pt").exists():
+        return _fail(f"{run / 'model.pt'} already exists (nothing was overwritten); choose another name=...")
+    torch_save_atomic(model.state_dict(), run / "model.pt")
+    save_config(cfg, run / "config.yaml")
+    print(f"{args.checkpoint} -> {run}/model.pt, {run}/config.yaml")
     return 0
 
 

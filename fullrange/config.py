@@ -29,6 +29,7 @@ class ModelConfig:
     T: int = 4                      # training timesteps (students); ignored for ANN teachers
     num_classes: int = 10
     in_channels: int = 1
+    sync_bn: bool = False           # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
 
 
 @dataclass
@@ -98,7 +99,7 @@ class RunConfig:
     log_every: int = 50             # steps between metrics.jsonl lines
     max_steps_per_epoch: int = 0    # 0: whole epochs; >0 truncates (smoke tests)
     checkpoint_every_steps: int = 0  # >0: also checkpoint inside epochs (exact mid-epoch resume)
-    stop_check_every: int = 1       # steps between the ranks' agreement on preemption / non-finite loss
+    stop_check_every: int = 10      # steps between the ranks' agreement on preemption / non-finite loss (a host sync)
     dist_timeout_s: int = 1800      # a collective waiting longer (a dead or hung rank) fails the run
     model: ModelConfig = field(default_factory=ModelConfig)
     neuron: NeuronConfig = field(default_factory=NeuronConfig)

@@ -10,7 +10,7 @@ Per timestep t and per sample, forward hooks count
 and, after the logits, where each sample would stop under confidence-based early exit.
 The network is causal in time at inference, so prefix sums over t give the statistics of a
 deployment with T' steps; all counts are integers, summed over samples, batches and ranks
-exactly like the accuracy counts (``fullrange.sweep.all_reduce_counts``).
+exactly like the accuracy counts (``fullrange.evaluate.all_reduce_counts``).
 
 A layer counts as AC only if every input it saw in the whole sweep was in {0, 1}; otherwise
 all of its operations are MACs (the classification is per layer, not per batch, so it does not

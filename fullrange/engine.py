@@ -1,84 +1,260 @@
-"""The training loop on accelerate: an ANN teacher (CE) or a spiking student with a teacher that
-is live (runs in every step) or cached (its logits read from fullrange.teacher_cache).
+"""The trainer: build_* steps, then epochs of train_step (batch -> targets -> loss -> backward ->
+step), validation at every T' <= T and a checkpoint.
 
-One function, :func:`train`, reads top to bottom: check inputs, build data/model/optimiser,
-resume if asked, then epochs of (train steps, validation over every T' <= T, checkpoint).
-Outputs in ``RUN = out_dir/name``: config.yaml (resolved), metrics.jsonl, checkpoints/ (the
-last accelerator state: an epoch's end, or a step inside an epoch with checkpoint_every_steps),
-model.pt (the last epoch's weights as a plain state_dict).
+Trains an ANN teacher (CE) or a spiking student whose teacher is live (run in every step) or
+cached (fullrange.teacher_cache), on DDP or DeepSpeed ZeRO (fullrange.deepspeed_support), in the
+launch's precision (fullrange.runtime). Outputs in RUN = out_dir/name: config.yaml (resolved),
+environment.json (precision, processes, device, versions), metrics.jsonl, checkpoints/ (the
+last accelerator state: an epoch's end, or a step inside an epoch with checkpoint_every_steps)
+and model.pt (the last epoch's weights as a plain fp32 state_dict).
 
-Resume is exact: a step checkpoint records (epoch, batches done); the resumed run replays that
-epoch's order (set_epoch) from the first batch not yet trained, without reading the others.
-After every step (every stop_check_every) the ranks agree on a stop: a preemption signal -> checkpoint + Preempted, a
-non-finite loss -> NonFiniteLoss with nothing saved (fullrange.preemption). The same loop runs
-DDP and DeepSpeed ZeRO (accelerate's DeepSpeed plugin): DeepSpeed steps and clips inside
-``acc.backward``, the run config fills its batch and clipping (_fit_deepspeed_config).
+A step syncs the host with the device only on log steps and on the ranks' stop agreement
+(every stop_check_every steps, and before every save): a preemption signal -> checkpoint +
+Preempted, a non-finite loss -> NonFiniteLoss with nothing saved after the last good
+checkpoint (fullrange.preemption). A non-finite gradient never reaches the weights
+(fullrange.optim.GuardedStep). Resume is exact: a step checkpoint records (epoch, batches
+done), and the resumed run replays that epoch's order from the first batch not yet trained.
 """
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch import nn
 
-from fullrange.atomic import torch_save_atomic
-from fullrange.batches import BatchPreparer
+from fullrange import deepspeed_support
+from fullrange.atomic import torch_save_atomic, write_text_atomic
 from fullrange.checkpoint import Checkpointer
 from fullrange.config import ConfigError, RunConfig, save_config
-from fullrange.data import read_sidecar, train_loader, val_loader, view_epoch, view_options
+from fullrange.data import BatchPreparer, ViewSpec, device_batches, train_loader, val_loader, view_epoch
+from fullrange.evaluate import accuracies, all_reduce_counts, logits_over_time, prefix_counts
+from fullrange.inputs import check_inputs
 from fullrange.losses import student_loss
-from fullrange.metrics import MetricsLog
+from fullrange.metrics import MetricsLog, trim_metrics
 from fullrange.models import build_model, is_spiking
-from fullrange.optim import build_optimizer, build_scheduler
-from fullrange.preemption import (EXIT_REQUEUE, Fault, NonFiniteLoss, Preempted, StopCheck, StopSignals,
-                                  write_requeue_file)
-from fullrange.runtime import make_accelerator, seed_everything
-from fullrange.sweep import accuracies, all_reduce_counts, iterate_prepared, logits_over_time, prefix_counts
-from fullrange.teacher_cache import TeacherCache
+from fullrange.optim import GuardedStep, build_optimizer, build_scheduler
+from fullrange.preemption import EXIT_REQUEUE, NonFiniteLoss, Preempted, StopCheck, StopSignals, write_requeue_file
+from fullrange.progress import progress_bar
+from fullrange.runtime import autocast, describe, input_dtype, make_accelerator, seed_everything
+from fullrange.targets import LiveTeacher, TeacherTargets
 from fullrange.teachers import load_teacher
 
+StepHook = Callable[[int, nn.Module], None]  # called after every optimizer step with (step, model)
 
-def check_inputs(cfg: RunConfig, world_size: int) -> tuple[dict, TeacherCache | None]:
-    """Every check that needs no training: data files and their metadata against the config,
-    the teacher weights or cache, the batch split and the run directory. Returns the train
-    sidecar and the checked teacher cache (None unless teacher.source is cache)."""
-    metas = {}
-    for key in ("data.train_path", "data.val_path"):
-        path = Path(getattr(cfg.data, key.split(".")[1]))
-        if not path.is_file():
-            raise ConfigError(f"config key {key}: data file {path} not found (expected an FFCV .beton; "
-                              "write the bundled data with `python launcher/write_ffcv.py bundled fmnist data/fmnist`)")
-        try:
-            metas[key] = read_sidecar(path)
-        except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"config key {key}: {e}") from None
-    meta = metas["data.train_path"]
-    h, w, c = meta["shape"]
-    if c != cfg.model.in_channels:
-        raise ConfigError(f"config key model.in_channels: {cfg.data.train_path} has {c} channels, "
-                          f"config says {cfg.model.in_channels}")
-    if meta["num_classes"] != cfg.model.num_classes:
-        raise ConfigError(f"config key model.num_classes: {cfg.data.train_path} has {meta['num_classes']} "
-                          f"classes, config says {cfg.model.num_classes}")
-    if cfg.data.batch_size % world_size:
-        raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} does not split evenly "
-                          f"over {world_size} processes")
-    cache = None
-    if cfg.loss.kind in ("full_range", "skd"):
-        if cfg.teacher.source == "cache":
-            cache = TeacherCache(cfg.teacher.cache_dir)
-            cache.check(cfg, meta)
-        else:
-            load_teacher(cfg)
-    run_dir = cfg.run_dir
-    if not cfg.resume and ((run_dir / "checkpoints").exists() or (run_dir / "model.pt").exists()):
-        raise ConfigError(f"config key resume: run directory {run_dir} already holds a run; pass resume=true "
-                          "to continue it or choose another name=... (nothing was overwritten)")
-    return meta, cache
+
+def build_model_for(cfg: RunConfig, acc: Accelerator, console: Console) -> nn.Module:
+    """The student or teacher of cfg, with SyncBatchNorm (model.sync_bn, multi-process CUDA) and
+    channels_last weights (data.channels_last, not under DeepSpeed)."""
+    model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
+    if cfg.model.sync_bn and acc.num_processes > 1:
+        if acc.device.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif acc.is_main_process:
+            console.print("warning: model.sync_bn: torch has no SyncBatchNorm on the CPU; BatchNorm "
+                          "statistics stay per process")
+    if cfg.data.channels_last and deepspeed_support.deepspeed_config(acc) is None:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def build_targets(cfg: RunConfig, acc: Accelerator, cache) -> TeacherTargets | None:
+    """The KD targets of the run: the checked cache, a live teacher, or None (no KD term)."""
+    if cfg.loss.kind not in ("full_range", "skd"):
+        return None
+    if cache is not None:
+        return cache
+    teacher = load_teacher(cfg).to(acc.device)
+    if cfg.data.channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return LiveTeacher(teacher)
+
+
+def build_loaders(cfg: RunConfig, acc: Accelerator, spec: ViewSpec):
+    """(train loader of this process's share of the global batch, val loader of its shard)."""
+    d = cfg.data
+    train = train_loader(d.train_path, d.batch_size // acc.num_processes, d.num_workers, spec,
+                         distributed=acc.num_processes > 1, os_cache=d.os_cache, batches_ahead=d.batches_ahead)
+    val = val_loader(d.val_path, d.val_batch_size, d.num_workers, acc.process_index, acc.num_processes, spec,
+                     os_cache=d.os_cache, batches_ahead=d.batches_ahead)
+    return train, val
+
+
+class Trainer:
+    """The components of one run, built once; fit() trains it."""
+
+    def __init__(self, cfg: RunConfig, acc: Accelerator, signals: StopSignals, hooks: Sequence[StepHook] = ()):
+        self.cfg, self.acc, self.hooks = cfg, acc, tuple(hooks)
+        self.console = Console(stderr=True)
+        meta, cache = check_inputs(cfg, acc.num_processes)
+        self.precision = acc.mixed_precision  # before prepare: DeepSpeed's is turned off there
+        self.spiking = is_spiking(cfg.model.name)
+        self.T = cfg.model.T if self.spiking else 1
+        seed_everything(cfg.seed)
+        ds = deepspeed_support.deepspeed_config(acc)
+        model = build_model_for(cfg, acc, self.console)
+        self.targets = build_targets(cfg, acc, cache)
+        spec = ViewSpec.from_config(cfg)
+        self.train_batches, self.val_batches = build_loaders(cfg, acc, spec)
+        self.steps_per_epoch = self._steps_per_epoch(meta)
+        self.prep = BatchPreparer(meta, spec, dtype=input_dtype(self.precision), channels_last=cfg.data.channels_last,
+                                  augment=not self.train_batches.augmented)
+        optimizer = build_optimizer(model, cfg.optim)
+        self.scheduler = build_scheduler(optimizer, cfg.optim, self.steps_per_epoch)
+        if ds is not None:
+            deepspeed_support.fit_config(ds, cfg, cfg.data.batch_size // acc.num_processes)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        acc.register_for_checkpointing(self.scheduler)  # stepped by us once per optimizer step
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.guarded_step = GuardedStep(acc, self.optimizer, params, cfg.optim.grad_clip) if ds is None else None
+        self.checkpointer = Checkpointer(cfg.run_dir, acc)
+        self.stop = StopCheck(signals, acc.device, acc.process_index, acc.num_processes, cfg.stop_check_every)
+        self.log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc.is_main_process)
+        self.deepspeed = ds is not None
+        self.epoch = self.step = 0
+
+    def _steps_per_epoch(self, meta: dict) -> int:
+        steps = len(self.train_batches)
+        if self.cfg.max_steps_per_epoch:
+            steps = min(steps, self.cfg.max_steps_per_epoch)
+        if steps == 0:
+            raise ConfigError(f"config key data.batch_size: {self.cfg.data.batch_size} is larger than the training "
+                              f"set ({meta['num_samples']} samples): no full batch per epoch")
+        return steps
+
+    def train_step(self, batch) -> tuple[torch.Tensor, dict]:
+        """One optimizer step on a device Batch; returns (loss, its parts), detached, on the device."""
+        cfg = self.cfg
+        x, y = self.prep.train(batch)
+        with autocast(self.acc.device, self.precision):
+            z_a = self.targets.targets(x, batch.host_indices, batch.view) if self.targets else None
+            z = logits_over_time(self.model, x, self.T, self.spiking)
+            loss, parts = student_loss(cfg.loss.kind, z, y, z_a, cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau,
+                                       cfg.loss.sd_target)
+        self.acc.backward(loss)  # DeepSpeed: also clips, checks for inf/NaN and steps
+        if self.guarded_step is not None:
+            self.guarded_step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach(), parts
+
+    def resume(self) -> int:
+        """Restore the last checkpoint when cfg.resume; returns the batches of self.epoch done."""
+        last = self.checkpointer.latest() if self.cfg.resume else None
+        if last is None:
+            return 0
+        state = self.checkpointer.load(last)
+        self.epoch, self.step = state["epoch"], state["step"]
+        if self.acc.is_main_process:
+            trim_metrics(self.cfg.run_dir / "metrics.jsonl", self.step)
+            self.console.print(f"resuming {self.cfg.run_dir} from {last.name} (epoch {self.epoch}, batch "
+                               f"{state['batch']}, step {self.step})")
+        return state["batch"]
+
+    def agree_to_stop(self, batch: int, force: bool = False, saved: Path | None = None) -> None:
+        """The ranks' stop agreement at a step boundary (every stop_check_every steps, or force)."""
+        stop, bad_ranks = self.stop.check(self.step, force)
+        if bad_ranks:
+            last = self.checkpointer.latest()
+            raise NonFiniteLoss(f"non-finite loss (NaN or inf) on rank(s) {bad_ranks} by step {self.step} (epoch "
+                                f"{self.epoch}); stopped; nothing saved after the last good checkpoint "
+                                f"{last if last else '(none: no checkpoint yet)'}")
+        if stop:
+            path = saved or self.checkpointer.save(self.epoch, self.step, batch)
+            if self.acc.is_main_process:
+                write_requeue_file({"reason": stop, "epoch": self.epoch, "batch": batch, "step": self.step,
+                                    "checkpoint": str(path)})
+            self.acc.wait_for_everyone()
+            raise Preempted(f"preempted ({stop}) at epoch {self.epoch} batch {batch} (step {self.step}); checkpoint "
+                            f"{path}; rerun with resume=true to continue (exit {EXIT_REQUEUE}: requeue)", path)
+
+    def log_step(self, loss: torch.Tensor, parts: dict, progress, task) -> None:
+        values = self.acc.reduce(torch.stack([loss, *parts.values()]).float(), "mean").tolist()
+        self.log.write(step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                       **dict(zip(["loss", *parts], values)))
+        progress.update(task, info=f"loss {values[0]:.3f}")
+
+    def train_epoch(self, done: int, progress, task) -> None:
+        """The batches of self.epoch from batch `done` on (done > 0: resumed inside the epoch)."""
+        cfg, loader = self.cfg, self.train_batches
+        loader.set_epoch(self.epoch, view_epoch(self.epoch, cfg.data.views), start_batch=done)
+        self.model.train()
+        for i, batch in enumerate(device_batches(loader, self.acc.device, loader.epoch_view), start=done):
+            if i >= self.steps_per_epoch:
+                break
+            loss, parts = self.train_step(batch)
+            self.stop.note_loss(loss)
+            self.step += 1
+            for hook in self.hooks:
+                hook(self.step, self.model)
+            saving = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0 \
+                and i + 1 < self.steps_per_epoch
+            self.agree_to_stop(i + 1, force=saving)
+            if cfg.log_every and self.step % cfg.log_every == 0:
+                self.log_step(loss, parts, progress, task)
+            if saving:
+                self.checkpointer.save(self.epoch, self.step, i + 1)
+            progress.advance(task)
+        self.agree_to_stop(self.steps_per_epoch, force=True)
+
+    def validate(self) -> dict:
+        """Top-1/top-5 at every T' <= T over the whole validation set (exact over ranks), logged."""
+        acc = self.acc
+        average_buffers(self.model, acc)
+        batches = (self.prep.eval(b) for b in device_batches(self.val_batches, acc.device))
+        counts = prefix_counts(acc.unwrap_model(self.model), batches, self.T, self.spiking,
+                               lambda: autocast(acc.device, self.precision))
+        result = accuracies(all_reduce_counts(counts, acc.device))
+        checksums = acc.gather(torch.tensor([weights_checksum(self.model)], dtype=torch.float64,
+                                            device=acc.device)).tolist()
+        self.log.write(step=self.step, epoch=self.epoch + 1, val_total=result["total"], val_top1=result["top1"][-1],
+                       val_top1_T1=result["top1"][0], val_top1_per_T=result["top1"], weights_checksums=checksums)
+        return result
+
+    def save_epoch(self) -> Path:
+        """Checkpoint after epoch self.epoch, and model.pt (fp32 state_dict) on the main process."""
+        saved = self.checkpointer.save(self.epoch + 1, self.step)
+        weights = self.acc.get_state_dict(self.model)  # collective under ZeRO-3
+        if self.acc.is_main_process:
+            torch_save_atomic({k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
+                              self.cfg.run_dir / "model.pt")
+        return saved
+
+    def start(self) -> int:
+        """Resume if asked, write config.yaml and environment.json; returns batches done."""
+        done = self.resume()
+        if self.acc.is_main_process:
+            run_dir = self.cfg.run_dir
+            run_dir.mkdir(parents=True, exist_ok=True)
+            save_config(self.cfg, run_dir / "config.yaml")
+            write_text_atomic(run_dir / "environment.json", json.dumps(describe(self.acc, self.precision), indent=1))
+            self.console.print(f"[bold]{self.cfg.name}[/]: {self.cfg.model.name} T={self.T} loss={self.cfg.loss.kind} "
+                               f"on {self.acc.num_processes} process(es){' with DeepSpeed' if self.deepspeed else ''}, "
+                               f"precision {self.precision}, {self.steps_per_epoch} steps/epoch x "
+                               f"{self.cfg.optim.epochs} epochs")
+        return done
+
+    def fit(self) -> Path:
+        cfg, main = self.cfg, self.acc.is_main_process
+        done = self.start()
+        with progress_bar(self.console, main, info=True) as progress:
+            task = progress.add_task(cfg.name, total=cfg.optim.epochs * self.steps_per_epoch,
+                                     completed=self.epoch * self.steps_per_epoch + done, info="")
+            while self.epoch < cfg.optim.epochs:
+                self.train_epoch(done, progress, task)
+                result = self.validate()
+                if main:
+                    progress.console.print(f"epoch {self.epoch + 1}/{cfg.optim.epochs}: val top-1 "
+                                           f"{result['top1'][-1]:.2f}% at T={self.T}"
+                                           + (f", {result['top1'][0]:.2f}% at T'=1" if self.T > 1 else ""))
+                saved = self.save_epoch()
+                self.epoch, done = self.epoch + 1, 0
+                if self.epoch < cfg.optim.epochs:
+                    self.agree_to_stop(0, force=True, saved=saved)  # a signal during validation / saving
+        return cfg.run_dir
 
 
 def average_buffers(model: nn.Module, accelerator: Accelerator) -> None:
@@ -93,220 +269,17 @@ def average_buffers(model: nn.Module, accelerator: Accelerator) -> None:
             buf.copy_(accelerator.reduce(buf.detach().clone(), "mean"))
 
 
-def live_teacher_logits(teacher: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """The live teacher on the student's images x [B,C,H,W] -> logits [B,C], no gradient."""
-    with torch.no_grad():  # the teacher stays fp32 when DeepSpeed feeds the student bf16 inputs
-        return teacher(x.to(next(teacher.parameters()).dtype))
-
-
-def compute_loss(cfg: RunConfig, model: nn.Module, x: torch.Tensor, y: torch.Tensor, T: int, spiking: bool,
-                 teacher_logits: torch.Tensor | None) -> tuple[torch.Tensor, dict]:
-    """The configured loss of one batch: images x [B,C,H,W], labels y [B], teacher logits
-    [B,C] (live or rebuilt from the cache; None without a teacher) -> (loss, parts)."""
-    z = logits_over_time(model, x, T, spiking)
-    return student_loss(cfg.loss.kind, z, y, teacher_logits, cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau,
-                        cfg.loss.sd_target)
-
-
 def weights_checksum(model: nn.Module) -> float:
     """Sum of every floating-point parameter and buffer, in float64 (compares ranks)."""
     return float(sum(t.double().sum() for t in model.state_dict().values() if t.is_floating_point()))
 
 
-def _progress(console: Console, enabled: bool) -> Progress:
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-                    console=console, disable=not enabled, transient=False)
-
-
-def _deepspeed_config(acc: Accelerator) -> dict | None:
-    """The DeepSpeed config dict when launched with accelerate's DeepSpeed plugin, else None."""
-    from accelerate.utils import DistributedType
-
-    if acc.distributed_type != DistributedType.DEEPSPEED:
-        return None
-    return acc.state.deepspeed_plugin.deepspeed_config
-
-
-def _fit_deepspeed_config(ds: dict, cfg: RunConfig, per_process_batch: int) -> None:
-    """The run config decides the batch and the clipping; the JSON's values are replaced.
-
-    DeepSpeed needs a literal micro batch (FFCV loaders are not torch DataLoaders, so accelerate
-    cannot infer it), and accelerate would fill an "auto" gradient_clipping with 1.0."""
-    ds["train_micro_batch_size_per_gpu"] = per_process_batch
-    ds["train_batch_size"] = cfg.data.batch_size
-    ds["gradient_accumulation_steps"] = 1
-    ds["gradient_clipping"] = float(cfg.optim.grad_clip)
-    ds.setdefault("zero_allow_untested_optimizer", True)  # our SGD with two parameter groups
-
-
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop metrics.jsonl lines written after the checkpoint a run resumes from (step > step)."""
-    if not path.is_file():
-        return
-    from fullrange.atomic import write_text_atomic
-    from fullrange.metrics import read_metrics
-
-    kept = [m for m in read_metrics(path) if m.get("step", 0) <= step]
-    write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in kept))
-
-
-def train(cfg: RunConfig, accelerator: Accelerator | None = None) -> Path:
-    """Train the configured run; returns the run directory.
+def train(cfg: RunConfig, accelerator: Accelerator | None = None, hooks: Sequence[StepHook] = ()) -> Path:
+    """Train the configured run; returns the run directory. hooks: called after every
+    optimizer step with (step, model) (tests inject faults this way).
 
     Raises Preempted (SIGTERM / SIGUSR1: a step checkpoint was written) or NonFiniteLoss (the
     last good checkpoint is kept) on every rank; see fullrange.preemption for exit codes."""
     acc = accelerator or make_accelerator(cfg.dist_timeout_s)
     with StopSignals() as signals:
-        return _train(cfg, acc, signals)
-
-
-def _train(cfg: RunConfig, acc: Accelerator, signals: StopSignals) -> Path:
-    console = Console(stderr=True)
-    main = acc.is_main_process
-    meta, cache = check_inputs(cfg, acc.num_processes)
-    run_dir = cfg.run_dir
-    spiking = is_spiking(cfg.model.name)
-    T = cfg.model.T if spiking else 1
-    seed_everything(cfg.seed)
-    fault = Fault(acc.process_index)
-    ds_config = _deepspeed_config(acc)
-
-    model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
-    live = cfg.loss.kind in ("full_range", "skd") and cache is None
-    teacher = load_teacher(cfg).to(acc.device) if live else None
-    if cfg.data.channels_last and ds_config is None:  # DeepSpeed broadcasts weights as flat bytes
-        model = model.to(memory_format=torch.channels_last)
-        teacher = teacher.to(memory_format=torch.channels_last) if teacher is not None else None
-
-    per_process_batch = cfg.data.batch_size // acc.num_processes
-    views = view_options(cfg.data)  # image size, crop ranges, batches_ahead (rgb_jpeg files)
-    train_batches = train_loader(cfg.data.train_path, per_process_batch, cfg.data.num_workers, cfg.seed,
-                                 distributed=acc.num_processes > 1, os_cache=cfg.data.os_cache, **views["train"])
-    val_batches = val_loader(cfg.data.val_path, cfg.data.val_batch_size, cfg.data.num_workers,
-                             acc.process_index, acc.num_processes, os_cache=cfg.data.os_cache, **views["val"])
-    steps_per_epoch = len(train_batches)
-    if cfg.max_steps_per_epoch:
-        steps_per_epoch = min(steps_per_epoch, cfg.max_steps_per_epoch)
-    if steps_per_epoch == 0:
-        raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} is larger than the training set "
-                          f"({meta['num_samples']} samples): no full batch per epoch")
-    prep = BatchPreparer(acc.device, meta["mean"], meta["std"], cfg.seed, cfg.data.pad, cfg.data.flip,
-                         cfg.data.channels_last, augment=not train_batches.augmented,
-                         dtype=torch.bfloat16 if acc.mixed_precision == "bf16" else torch.float32)
-
-    optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch)
-    input_dtype = None
-    if ds_config is not None:
-        _fit_deepspeed_config(ds_config, cfg, per_process_batch)
-        if acc.mixed_precision == "bf16":  # DeepSpeed casts the weights, not the inputs
-            input_dtype = torch.bfloat16
-    model, optimizer = acc.prepare(model, optimizer)
-    acc.register_for_checkpointing(scheduler)  # stepped by us once per optimizer step
-    checkpointer = Checkpointer(run_dir, acc)
-    stop_check = StopCheck(signals, acc.device, acc.process_index, acc.num_processes, cfg.stop_check_every)
-
-    start_epoch, skip, step = 0, 0, 0
-    if cfg.resume and (last := checkpointer.latest()) is not None:
-        state = checkpointer.load(last)
-        start_epoch, skip, step = state["epoch"], state["batch"], state["step"]
-        if main:
-            _trim_metrics(run_dir / "metrics.jsonl", step)
-            console.print(f"resuming {run_dir} from {last.name} (epoch {start_epoch}, batch {skip}, step {step})")
-    if main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir / "metrics.jsonl", main)
-    if main:
-        console.print(f"[bold]{cfg.name}[/]: {cfg.model.name} T={T} loss={cfg.loss.kind} on "
-                      f"{acc.num_processes} process(es){' with DeepSpeed' if ds_config else ''}, "
-                      f"{steps_per_epoch} steps/epoch x {cfg.optim.epochs} epochs")
-
-    def prepare_eval(images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = prep.eval(images, labels)
-        return (x if input_dtype is None else x.to(input_dtype)), y
-
-    def preempt(reason: str, epoch: int, batch: int, saved: Path | None) -> None:
-        """Checkpoint at this step boundary (every rank), then raise Preempted everywhere."""
-        path = saved or checkpointer.save(epoch, step, batch)
-        if main:
-            write_requeue_file({"reason": reason, "epoch": epoch, "batch": batch, "step": step,
-                                "checkpoint": str(path)})
-        acc.wait_for_everyone()
-        raise Preempted(f"preempted ({reason}) at epoch {epoch} batch {batch} (step {step}); checkpoint {path}; "
-                        f"rerun with resume=true to continue (exit {EXIT_REQUEUE}: requeue)", path)
-
-    def check(epoch: int, batch: int, force: bool = False, saved: Path | None = None) -> None:
-        stop, bad_ranks = stop_check.check(step, force)
-        if bad_ranks:
-            last_good = checkpointer.latest()
-            raise NonFiniteLoss(f"non-finite loss (NaN or inf) on rank(s) {bad_ranks} by step {step} (epoch {epoch}); "
-                                f"stopped; nothing saved after the last good checkpoint "
-                                f"{last_good if last_good else '(none: no checkpoint yet)'}")
-        if stop:
-            preempt(stop, epoch, batch, saved)
-
-    with _progress(console, main) as progress:
-        task = progress.add_task(cfg.name, total=cfg.optim.epochs * steps_per_epoch,
-                                 completed=start_epoch * steps_per_epoch + skip, info="")
-        for epoch in range(start_epoch, cfg.optim.epochs):
-            view = view_epoch(epoch, cfg.data.views)  # the random views: (seed, view, index)
-            done = skip if epoch == start_epoch else 0  # batches of this epoch already trained
-            # the shuffle order is a function of (seed, epoch); a resume starts at batch `done`
-            train_batches.set_epoch(epoch, view, start_batch=done)
-            model.train()
-            for i, (images, labels, indices) in enumerate(train_batches, start=done):
-                if i >= steps_per_epoch:
-                    break
-                x, y = prep.train(images, labels, indices, view)
-                if input_dtype is not None:
-                    x = x.to(input_dtype)
-                z_a = cache.teacher_logits(view, indices, acc.device) if cache is not None else None
-                with acc.autocast():
-                    if teacher is not None:
-                        z_a = live_teacher_logits(teacher, x)
-                    loss, parts = compute_loss(cfg, model, x, y, T, spiking, z_a)
-                loss = fault.loss(loss, step + 1)
-                stop_check.note_loss(loss)
-                acc.backward(loss)  # with DeepSpeed this also clips (its config) and steps
-                if cfg.optim.grad_clip and ds_config is None:
-                    acc.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                fault.after_step(step)
-                saving = bool(cfg.checkpoint_every_steps) and step % cfg.checkpoint_every_steps == 0 \
-                    and i + 1 < steps_per_epoch
-                check(epoch, i + 1, force=saving)
-                if cfg.log_every and step % cfg.log_every == 0:
-                    values = acc.reduce(torch.stack([loss.detach(), *parts.values()]).float(), "mean").tolist()
-                    names = ["loss", *parts]
-                    log.write(step=step, epoch=epoch, lr=scheduler.get_last_lr()[0], **dict(zip(names, values)))
-                    progress.update(task, info=f"loss {values[0]:.3f}")
-                if saving:
-                    checkpointer.save(epoch, step, i + 1)
-                progress.advance(task)
-            check(epoch, steps_per_epoch, force=True)
-
-            average_buffers(model, acc)
-            counts = all_reduce_counts(
-                prefix_counts(acc.unwrap_model(model), iterate_prepared(val_batches, prepare_eval), T, spiking,
-                              acc.autocast), acc.device)
-            result = accuracies(counts)
-            checksums = acc.gather(torch.tensor([weights_checksum(model)], dtype=torch.float64,
-                                                device=acc.device)).tolist()
-            log.write(step=step, epoch=epoch + 1, val_total=result["total"], val_top1=result["top1"][-1],
-                      val_top1_T1=result["top1"][0], val_top1_per_T=result["top1"], weights_checksums=checksums)
-            if main:
-                progress.console.print(f"epoch {epoch + 1}/{cfg.optim.epochs}: val top-1 {result['top1'][-1]:.2f}% "
-                                       f"at T={T}" + (f", {result['top1'][0]:.2f}% at T'=1" if T > 1 else ""))
-            saved = checkpointer.save(epoch + 1, step)
-            weights = acc.get_state_dict(model)  # collective under ZeRO-3
-            if main:
-                torch_save_atomic({k: v.float() if v.is_floating_point() else v for k, v in weights.items()},
-                                  run_dir / "model.pt")
-            if epoch + 1 < cfg.optim.epochs:
-                check(epoch + 1, 0, force=True, saved=saved)  # a signal during validation / saving
-    return run_dir
+        return Trainer(cfg, acc, signals, hooks).fit()

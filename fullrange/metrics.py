@@ -22,3 +22,13 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def trim_metrics(path: Path, step: int) -> None:
+    """Drop metrics.jsonl lines written after the checkpoint a run resumes from (step > step)."""
+    if not path.is_file():
+        return
+    from fullrange.atomic import write_text_atomic
+
+    kept = [m for m in read_metrics(path) if m.get("step", 0) <= step]
+    write_text_atomic(path, "".join(json.dumps(m) + "\n" for m in kept))

@@ -1,4 +1,14 @@
-"""SGD with weight decay only on weights of rank >= 2, and a warmup + cosine schedule per step."""
+"""SGD with weight decay only on weights of rank >= 2, a warmup + cosine schedule per step, and an
+optimizer step that skips itself on the device when a gradient is not finite.
+
+The step (GuardedStep) computes the global gradient norm on the device (after DDP's all-reduce
+it is the same on every rank), clips to it when asked, and hands `found_inf = norm is not
+finite` to torch's fused SGD, which then leaves weights and momentum untouched: a NaN/inf loss
+never reaches the weights, and no step waits for the host. Under fp16, accelerate's GradScaler
+sets the same flag itself. (torch's fused SGD creates a momentum buffer with empty_like on its
+first step and skips writing it when that step is skipped, so the buffers start as zeros here:
+the first real step then computes 0.9 * 0 + g = g, exactly what torch's first step stores.)
+"""
 from __future__ import annotations
 
 import math
@@ -19,9 +29,11 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.SGD:
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr,
-                           momentum=cfg.momentum, nesterov=cfg.nesterov)
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> torch.optim.SGD:
+    """SGD over the model's parameters; fused=True (one kernel per step, and it can skip a step
+    on a device flag) needs them on the CPU or a GPU."""
+    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                           nesterov=cfg.nesterov, fused=fused)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -39,3 +51,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
     return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+
+
+class GuardedStep:
+    """Clip (grad_clip > 0), then optimizer.step() unless a gradient is inf/NaN, decided on the
+    device. optimizer: the (accelerate-wrapped) fused SGD; acc: the Accelerator (unscales fp16
+    gradients first)."""
+
+    def __init__(self, acc, optimizer, params: list[torch.Tensor], grad_clip: float):
+        self.acc, self.optimizer, self.params, self.grad_clip = acc, optimizer, params, grad_clip
+        self.sgd = getattr(optimizer, "optimizer", optimizer)  # the torch optimizer inside accelerate's
+        self._zero_momentum()
+
+    def _zero_momentum(self) -> None:
+        for group in self.sgd.param_groups:
+            if group["momentum"]:
+                for p in group["params"]:
+                    self.sgd.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+
+    def __call__(self) -> torch.Tensor:
+        """One step; returns the global gradient norm (device scalar, before clipping)."""
+        scaled = self.acc.scaler is not None
+        if scaled:
+            self.acc.unscale_gradients()
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads)
+        if self.grad_clip:
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm)
+        if not scaled:  # the GradScaler passes its own found_inf to the fused step
+            self.sgd.grad_scale, self.sgd.found_inf = None, (~torch.isfinite(norm)).float()
+        try:
+            self.optimizer.step()
+        finally:
+            self.sgd.__dict__.pop("grad_scale", None)
+            self.sgd.__dict__.pop("found_inf", None)
+        return norm

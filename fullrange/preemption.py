@@ -1,4 +1,4 @@
-"""Stopping a distributed run cleanly: preemption signals, non-finite losses, fault injection.
+"""Stopping a distributed run cleanly: preemption signals and non-finite losses.
 
 Exit codes of ``launcher/train.py`` (each rank's process):
     0   finished                     2   bad input (see fullrange.cli)
@@ -14,17 +14,13 @@ Agreement: every rank installs the handlers, but the signal may reach only some 
 ``stop_check_every`` steps the ranks all-reduce one small vector (the signal flag and a
 non-finite-loss flag per rank), so all ranks stop after the same optimizer step.
 
-Fault injection for tests: ``FULLRANGE_FAULT=KIND@STEP[@RANK]`` with KIND one of sigkill,
-sigterm, sigusr1 (the process sends itself that signal right after optimizer step STEP), nan
-(the loss of step STEP becomes NaN) or hang (the process sleeps forever after step STEP);
-RANK limits it to one global rank (default: every rank).
+Tests inject faults (signals, NaN, hangs) through the trainer's step hooks (tests/faults.py).
 """
 from __future__ import annotations
 
 import json
 import os
 import signal
-import time
 from pathlib import Path
 
 import torch
@@ -106,34 +102,3 @@ def write_requeue_file(info: dict) -> Path | None:
     path = Path(target)
     write_text_atomic(path, json.dumps({**info, "exit_code": EXIT_REQUEUE}) + "\n")
     return path
-
-
-class Fault:
-    """Test-only fault injection from ``FULLRANGE_FAULT`` (see the module docstring)."""
-
-    KINDS = ("sigkill", "sigterm", "sigusr1", "nan", "hang")
-
-    def __init__(self, rank: int, spec: str | None = None):
-        spec = os.environ.get("FULLRANGE_FAULT", "") if spec is None else spec
-        self.kind, self.step = None, -1
-        if not spec:
-            return
-        parts = spec.split("@")
-        if len(parts) not in (2, 3) or parts[0] not in self.KINDS or not all(p.isdigit() for p in parts[1:]):
-            raise ValueError(f"FULLRANGE_FAULT={spec!r}: expected KIND@STEP[@RANK], KIND one of {self.KINDS}")
-        if len(parts) == 3 and int(parts[2]) != rank:
-            return
-        self.kind, self.step = parts[0], int(parts[1])
-
-    def loss(self, loss: torch.Tensor, step: int) -> torch.Tensor:
-        """``step``: the 1-based number of the optimizer step this loss is for."""
-        return loss * float("nan") if self.kind == "nan" and step == self.step else loss
-
-    def after_step(self, step: int) -> None:
-        if self.step != step or self.kind in (None, "nan"):
-            return
-        if self.kind == "hang":
-            while True:
-                time.sleep(3600)
-        os.kill(os.getpid(), {"sigkill": signal.SIGKILL, "sigterm": signal.SIGTERM,
-                              "sigusr1": signal.SIGUSR1}[self.kind])

@@ -1,113 +1,19 @@
-"""Full-range evaluation: accuracy at every T' = 1..T_max from ONE forward pass at T_max.
-
-A spiking student is causal in time at inference (LIF state flows forward, BatchNorm uses
-running statistics), so the answer of a deployment with T' steps is the mean of the first T'
-logits of a single run at T_max: ``prefix_mean(z)[T'-1]``.
-
-Counting is exact in any world size: each rank scores its own shard of the validation set (no
-padding, see ``fullrange.data.val_loader``), and integer counts are summed across ranks.
-
-The same pass also yields the deployment report (``fullrange.deploy_stats``): firing rates,
-synaptic operations and energy per T', and confidence-based early exit.
+"""The deployment report of trained runs: accuracy at every T' = 1..T_max from ONE forward pass
+at T_max (fullrange.evaluate), and from the same pass firing rates, synaptic operations and
+energy per T' and confidence-based early exit (fullrange.deploy_stats); export at a chosen T'.
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from typing import Sequence
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from fullrange.config import RunConfig, from_dict
 from fullrange.deploy_stats import EXIT_THRESHOLDS, DeployStats, deploy_report
+from fullrange.evaluate import accuracies, all_reduce_counts, prefix_counts
 from fullrange.models import build_model, is_spiking
-
-TOPK = (1, 5)
-
-
-def prefix_mean(logits: torch.Tensor) -> torch.Tensor:
-    """[T, B, C] logits -> [T, B, C] where entry t is the mean of logits 0..t (float32)."""
-    T = logits.shape[0]
-    steps = torch.arange(1, T + 1, device=logits.device, dtype=torch.float32).view(T, 1, 1)
-    return logits.float().cumsum(0) / steps
-
-
-def logits_over_time(model: nn.Module, x: torch.Tensor, T: int, spiking: bool) -> torch.Tensor:
-    """Images [B, C, H, W] -> logits [T, B, C]; an ANN's [B, C] becomes [1, B, C]."""
-    return model(x, T) if spiking else model(x).unsqueeze(0)
-
-
-def topk_hits(prefix: torch.Tensor, labels: torch.Tensor, kmax: int) -> torch.Tensor:
-    """prefix [T, B, C], labels [B] -> bool [T, B, kmax]: entry j says the label is the j-th best class."""
-    top = prefix.topk(min(kmax, prefix.shape[-1]), dim=-1).indices  # [T, B, kmax]
-    return top == labels.view(1, -1, 1)
-
-
-def topk_correct(prefix: torch.Tensor, labels: torch.Tensor, ks: tuple[int, ...] = TOPK,
-                 hit: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-    """prefix [T, B, C], labels [B] -> {k: int64 [T] number of samples whose label is in the top k}."""
-    hit = topk_hits(prefix, labels, max(ks)) if hit is None else hit
-    return {k: hit[..., :min(k, hit.shape[-1])].any(-1).sum(1).long().cpu() for k in ks}
-
-
-@torch.no_grad()
-def prefix_counts(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], T_max: int,
-                  spiking: bool, autocast=None, stats: DeployStats | None = None) -> dict:
-    """Correct counts at every T' for this process's batches (images float [B,C,H,W], labels [B]).
-
-    Returns {"top1": int64 [T_max], "top5": int64 [T_max], "total": int64 scalar} (local counts).
-    With ``stats`` (a DeployStats for this model at T_max), its hooks count spikes, synaptic
-    operations and early exits during the same forward passes and its counts join the result.
-    """
-    T = T_max if spiking else 1
-    counts = {f"top{k}": torch.zeros(T, dtype=torch.long) for k in TOPK}
-    total = torch.zeros((), dtype=torch.long)
-    was_training = model.training
-    model.eval()
-    with stats.attached(model) if stats is not None else contextlib.nullcontext():
-        for x, y in batches:
-            if stats is not None:
-                stats.begin_batch(y.shape[0])
-            with autocast() if autocast is not None else contextlib.nullcontext():
-                z = logits_over_time(model, x, T, spiking)
-            prefix = prefix_mean(z)
-            hit = topk_hits(prefix, y, max(TOPK))
-            for k, c in topk_correct(prefix, y, hit=hit).items():
-                counts[f"top{k}"] += c
-            if stats is not None:
-                stats.end_batch(prefix, hit[..., 0])
-            total += y.shape[0]
-    model.train(was_training)
-    counts["total"] = total
-    if stats is not None:
-        counts.update(stats.counts)
-    return counts
-
-
-def all_reduce_counts(counts: dict, device: torch.device) -> dict:
-    """Sum integer counts over all ranks (identity when not distributed)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return counts
-    out = {}
-    for name, value in counts.items():
-        t = value.to(device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        out[name] = t.cpu()
-    return out
-
-
-def accuracies(counts: dict) -> dict:
-    """Counts -> {"total": N, "top1": [acc % per T'], "top1_correct": [count per T'], "top5"...} (JSON-ready)."""
-    n = int(counts["total"])
-    out = {"total": n}
-    for k in TOPK:
-        correct = [int(c) for c in counts[f"top{k}"]]
-        out[f"top{k}"] = [100.0 * c / max(n, 1) for c in correct]
-        out[f"top{k}_correct"] = correct
-    return out
-
 
 def load_run(run_dir: Path) -> tuple[RunConfig, nn.Module]:
     """A run directory's resolved config and its last weights (model.pt), on CPU."""
@@ -163,13 +69,6 @@ def export_run(run_dir: Path, T: int, out_dir: Path | None = None) -> Path:
     return out
 
 
-def iterate_prepared(loader: Iterable, prepare) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Loader batches (images uint8, labels, indices) -> (images float on device, labels on device)."""
-    for images, labels, _ in loader:
-        x, y = prepare(images, labels)
-        yield x, y
-
-
 def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | None = None,
               batch_size: int | None = None, num_workers: int | None = None,
               thresholds: Sequence[float] | None = EXIT_THRESHOLDS) -> dict:
@@ -181,8 +80,8 @@ def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | Non
     ``fullrange.deploy_stats.deploy_report`` (firing rates, SOPs, energy, early exit) from the
     same forward pass.
     """
-    from fullrange.batches import BatchPreparer
-    from fullrange.data import read_sidecar, val_loader, view_options
+    from fullrange.data import BatchPreparer, ViewSpec, device_batches, read_sidecar, val_loader
+    from fullrange.runtime import autocast, input_dtype
 
     cfg, model = load_run(run_dir)
     spiking = is_spiking(cfg.model.name)
@@ -190,18 +89,18 @@ def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | Non
     T_max = (T_max or 2 * T_train) if spiking else 1
     path = val_path or cfg.data.val_path
     meta = read_sidecar(path)
+    spec, precision, device = ViewSpec.from_config(cfg), accelerator.mixed_precision, accelerator.device
     loader = val_loader(path, batch_size or cfg.data.val_batch_size,
                         cfg.data.num_workers if num_workers is None else num_workers,
-                        accelerator.process_index, accelerator.num_processes, os_cache=cfg.data.os_cache,
-                        **view_options(cfg.data)["val"])
-    prep = BatchPreparer(accelerator.device, meta["mean"], meta["std"], cfg.seed, 0, False, cfg.data.channels_last,
-                         dtype=torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float32)
-    model = model.to(accelerator.device)
+                        accelerator.process_index, accelerator.num_processes, spec, os_cache=cfg.data.os_cache)
+    prep = BatchPreparer(meta, spec, dtype=input_dtype(precision), channels_last=cfg.data.channels_last)
+    model = model.to(device)
     if cfg.data.channels_last:  # as in training: faster convolutions on the CPU, same counts
         model = model.to(memory_format=torch.channels_last)
-    stats = None if thresholds is None else DeployStats(model, T_max, thresholds, accelerator.device)
-    counts = prefix_counts(model, iterate_prepared(loader, prep.eval), T_max, spiking, accelerator.autocast, stats)
-    counts = all_reduce_counts(counts, accelerator.device)
+    stats = None if thresholds is None else DeployStats(model, T_max, thresholds, device)
+    batches = (prep.eval(b) for b in device_batches(loader, device))
+    counts = prefix_counts(model, batches, T_max, spiking, lambda: autocast(device, precision), stats)
+    counts = all_reduce_counts(counts, device)
     result = {"T_train": T_train, "T_max": T_max, **accuracies(counts)}
     if stats is not None:
         result.update(deploy_report(counts, thresholds, result["total"], T_max))

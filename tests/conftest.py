@@ -68,11 +68,17 @@ def launcher_env(**extra: str) -> dict:
     return {k: v for k, v in env.items() if v is not None}
 
 
+FAULT_LAUNCH = "tests/fault_launch.py"  # the launchers with FULLRANGE_FAULT's fault (tests/faults.py)
+
+
 def launch_command(script: str, args: list[str], nproc: int = 1, *, config_file: str | None = None,
-                   num_machines: int = 1, machine_rank: int = 0, port: int | None = None) -> list[str]:
-    """`accelerate launch` of launcher/SCRIPT on the CPU: nproc processes in all, over num_machines
-    "nodes" that meet at 127.0.0.1:port (this process is machine_rank); config_file: an accelerate
-    YAML (e.g. configs/accelerate/deepspeed_zero2.yaml) whose GPU settings the flags override."""
+                   num_machines: int = 1, machine_rank: int = 0, port: int | None = None,
+                   precision: str = "no") -> list[str]:
+    """`accelerate launch` of launcher/SCRIPT (or of the repository path SCRIPT, e.g. FAULT_LAUNCH)
+    on the CPU: nproc processes in all, over num_machines "nodes" that meet at 127.0.0.1:port
+    (this process is machine_rank); config_file: an accelerate YAML (e.g.
+    configs/accelerate/deepspeed_zero2.yaml) whose GPU settings the flags override; precision:
+    --mixed_precision (no or bf16 on the CPU)."""
     launch = [ACCELERATE, "launch"]
     if config_file:
         launch += ["--config_file", config_file]
@@ -85,8 +91,9 @@ def launch_command(script: str, args: list[str], nproc: int = 1, *, config_file:
             launch += ["--machine_rank", str(machine_rank), "--main_process_ip", "127.0.0.1"]
     else:
         launch += ["--cpu", "--num_processes", "1", "--num_machines", "1"]
-    launch += ["--mixed_precision", "no", "--dynamo_backend", "no"]
-    return launch + [str(REPO / "launcher" / script), *args]
+    launch += ["--mixed_precision", precision, "--dynamo_backend", "no"]
+    path = REPO / script if "/" in script else REPO / "launcher" / script
+    return launch + [str(path), *args]
 
 
 def run_launcher(script: str, args: list[str], nproc: int = 1, timeout: int = 600, env: dict | None = None,

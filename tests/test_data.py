@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from fullrange.data import (check_beton, load_bundled, normalize, pad_crop_flip, prepare_bundled,
+from fullrange.data import (ViewSpec, check_beton, load_bundled, normalize, pad_crop_flip, prepare_bundled,
                             read_idx, read_sidecar, sidecar_path, train_loader, val_loader,
                             view_params, write_beton)
 from fullrange.data import augment
@@ -215,7 +215,7 @@ def test_train_loader_epochs(small_beton):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:  # FFCV calls torch.set_num_threads(num_workers); our wrapper must undo it
-        loader = train_loader(path, batch_size=32, num_workers=2, seed=5, distributed=False,
+        loader = train_loader(path, batch_size=32, num_workers=2, spec=ViewSpec(seed=5), distributed=False,
                               drop_last=False)
         assert torch.get_num_threads() == 1
         _check_train_epochs(loader, path, images, labels)
@@ -244,7 +244,7 @@ def _check_train_epochs(loader, path, images, labels):
     assert torch.equal(i, orders[1][96:]) and loader.epoch == 2
     assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(images)[i])
     assert len(_collect(loader)[2]) == 300  # start_batch applies to one iteration only
-    dropped = train_loader(path, batch_size=32, num_workers=1, seed=5, distributed=False)
+    dropped = train_loader(path, batch_size=32, num_workers=1, spec=ViewSpec(seed=5), distributed=False)
     assert len(dropped) == 9
     i = _collect(dropped)[2]
     assert len(i) == 288 and torch.equal(i, orders[0][:288])  # same seed, same epoch-0 order
@@ -273,12 +273,12 @@ def test_val_loader_counts_every_sample_once(tmp_path, n, world_size):
 
 DIST_SCRIPT = textwrap.dedent("""
     import json, sys, torch, torch.distributed as dist
-    from fullrange.data import train_loader
+    from fullrange.data import ViewSpec, train_loader
     rank, world, rdv, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
     dist.init_process_group("gloo", init_method="file://" + rdv, rank=rank, world_size=world)
     res = {}
     for name in sys.argv[5:]:
-        loader = train_loader(name, batch_size=16, num_workers=1, seed=3, distributed=True,
+        loader = train_loader(name, batch_size=16, num_workers=1, spec=ViewSpec(seed=3), distributed=True,
                               drop_last=False)
         res[name] = [[int(v) for _, _, i in loader for v in i] for _ in range(2)]
     json.dump(res, open(out, "w"))
@@ -315,12 +315,12 @@ def test_distributed_train_loader_two_ranks(tmp_path):
 
 def test_distributed_needs_process_group(small_beton):
     with pytest.raises(RuntimeError, match="torch.distributed"):
-        train_loader(small_beton[0], 32, 1, seed=0, distributed=True)
+        train_loader(small_beton[0], 32, 1, spec=ViewSpec(seed=0), distributed=True)
 
 
 def test_missing_or_corrupt_beton_errors(tmp_path, small_beton):
     with pytest.raises(FileNotFoundError, match="nope.beton"):
-        train_loader(tmp_path / "nope.beton", 8, 1, seed=0, distributed=False)
+        train_loader(tmp_path / "nope.beton", 8, 1, spec=ViewSpec(seed=0), distributed=False)
     images, labels = _arrays(20)
     path = tmp_path / "c.beton"
     write_beton(path, images, labels)
@@ -336,7 +336,7 @@ def test_missing_or_corrupt_beton_errors(tmp_path, small_beton):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])  # truncated
     with pytest.raises(ValueError, match=r"c\.beton.*truncated"):
-        train_loader(path, 8, 1, seed=0, distributed=False)
+        train_loader(path, 8, 1, spec=ViewSpec(seed=0), distributed=False)
     path.write_bytes(b"\x07" * len(data))  # garbage of the right size
     with pytest.raises(ValueError, match=r"c\.beton: not a readable FFCV"):
         check_beton(path)

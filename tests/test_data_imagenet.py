@@ -18,11 +18,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fullrange.batches import BatchPreparer
 from fullrange.config import RunConfig
-from fullrange.data import (center_view_params, check_beton, normalize, read_sidecar,
-                            rrc_view_params, sidecar_path, train_loader, val_loader,
-                            view_options, view_params, write_imagefolder)
+from fullrange.data import (Batch, BatchPreparer, ViewSpec, center_view_params, check_beton, normalize, read_sidecar,
+                            rrc_view_params, sidecar_path, train_loader, val_loader, view_params, write_imagefolder)
 from fullrange.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
 from fullrange.data.photos import write_photo_tree
 from fullrange.data.resample import resize_crop
@@ -78,8 +76,8 @@ def _collect(loader, epochs=1):
 @pytest.fixture(scope="module")
 def single(tree):
     """The single-process training views of epochs 0 and 1 (2 workers, batch 8)."""
-    loader = train_loader(tree["out"]["train"], batch_size=8, num_workers=2, seed=SEED,
-                          distributed=False, drop_last=False, image_size=OUT)
+    loader = train_loader(tree["out"]["train"], batch_size=8, num_workers=2, spec=ViewSpec(seed=SEED, image_size=OUT),
+                          distributed=False, drop_last=False)
     assert loader.augmented and len(loader) == -(-len(tree["files"]["train"]) // 8)
     assert loader.view_recipe == {"view": "rrc-splitmix64-v1", "seed": SEED, "scale": [0.08, 1.0],
                                   "ratio": [0.75, 4 / 3], "flip": True, "output_size": list(OUT),
@@ -165,7 +163,7 @@ def test_writer_sidecar_reproducible_and_up_to_date(tree, tmp_path):
 
 def _labels(path):
     loader = val_loader(path, batch_size=64, num_workers=1, rank=0, world_size=1,
-                        image_size=OUT)
+                        spec=ViewSpec(val_image_size=OUT))
     ys, ix = [], []
     for _, y, i in loader:
         ys.append(y.clone()), ix.append(i.clone())
@@ -283,9 +281,8 @@ def test_decoded_views_equal_independent_crops(tree, single):
 
 
 def test_views_independent_of_workers_batch_and_cache(tree, single):
-    loader = train_loader(tree["out"]["train"], batch_size=5, num_workers=1, seed=SEED,
-                          distributed=False, os_cache=False, drop_last=False, image_size=OUT,
-                          batches_ahead=1)
+    loader = train_loader(tree["out"]["train"], batch_size=5, num_workers=1, spec=ViewSpec(seed=SEED, image_size=OUT),
+                          distributed=False, os_cache=False, drop_last=False, batches_ahead=1)
     loader.set_epoch(1)
     got = _collect(loader)[1]
     loader.set_epoch(0)  # resume: replay epoch 0
@@ -294,9 +291,9 @@ def test_views_independent_of_workers_batch_and_cache(tree, single):
         assert sorted(views) == sorted(single[epoch])
         for ix, (img, lab) in views.items():
             assert np.array_equal(img, single[epoch][ix][0]) and lab == single[epoch][ix][1]
-    noflip = train_loader(tree["out"]["train"], batch_size=64, num_workers=1, seed=SEED,
-                          distributed=False, drop_last=False, image_size=OUT, flip=False,
-                          scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    noflip = train_loader(tree["out"]["train"], batch_size=64, num_workers=1,
+                          spec=ViewSpec(seed=SEED, image_size=OUT, flip=False, scale=(1.0, 1.0), ratio=(1.0, 1.0)),
+                          distributed=False, drop_last=False)
     x, _, i = next(iter(noflip))
     st = tree["stored"]["train"]
     for img, ix in zip(x.permute(0, 2, 3, 1).numpy(), i.tolist()):
@@ -313,7 +310,7 @@ def test_val_centre_crop_exact_and_sharded(tree):
     seen = []
     for rank in range(3):
         loader = val_loader(tree["out"]["val"], batch_size=4, num_workers=2, rank=rank,
-                            world_size=3, image_size=OUT, crop_ratio=0.875)
+                            world_size=3, spec=ViewSpec(val_image_size=OUT, val_crop_ratio=0.875))
         assert not loader.augmented
         for x, y, i in loader:
             for img, ix in zip(x.permute(0, 2, 3, 1).numpy(), i.tolist()):
@@ -328,12 +325,12 @@ def test_val_centre_crop_exact_and_sharded(tree):
 
 DIST_SCRIPT = textwrap.dedent("""
     import sys, numpy as np, torch.distributed as dist
-    from fullrange.data import train_loader, val_loader
+    from fullrange.data import ViewSpec, train_loader, val_loader
     rank, world, rdv, out, train, val = sys.argv[1:7]
     rank, world = int(rank), int(world)
     dist.init_process_group("gloo", init_method="file://" + rdv, rank=rank, world_size=world)
-    loader = train_loader(train, batch_size=6, num_workers=1, seed=int(sys.argv[7]),
-                          distributed=True, drop_last=False, image_size=(40, 48))
+    loader = train_loader(train, batch_size=6, num_workers=1, spec=ViewSpec(seed=int(sys.argv[7]), image_size=(40, 48)),
+                          distributed=True, drop_last=False)
     res = {}
     for epoch in range(2):
         xs, ix = [], []
@@ -341,7 +338,7 @@ DIST_SCRIPT = textwrap.dedent("""
             xs.append(x.permute(0, 2, 3, 1).numpy().copy()), ix.append(i.numpy().copy())
         res[f"x{epoch}"], res[f"i{epoch}"] = np.concatenate(xs), np.concatenate(ix)
     v = val_loader(val, batch_size=4, num_workers=1, rank=dist.get_rank(),
-                   world_size=dist.get_world_size(), image_size=(40, 48))
+                   world_size=dist.get_world_size(), spec=ViewSpec(val_image_size=(40, 48)))
     res["vi"] = np.concatenate([i.numpy().copy() for _, _, i in v])
     np.savez(out, **res)
     dist.destroy_process_group()
@@ -378,13 +375,13 @@ def test_two_ranks_same_views_each_sample_once(tree, single, tmp_path):
 # ---------------------------------------------------------------- errors and CLI
 def test_clear_errors_name_the_path(tree, tmp_path, capsys, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"nope\.beton"):
-        train_loader(tmp_path / "nope.beton", 8, 1, seed=0, distributed=False)
+        train_loader(tmp_path / "nope.beton", 8, 1, ViewSpec(), distributed=False)
     bad = tmp_path / "bad.beton"
     data = Path(tree["out"]["train"]).read_bytes()
     sidecar_path(bad).write_text(sidecar_path(tree["out"]["train"]).read_text())
     bad.write_bytes(data[: len(data) // 3])
     with pytest.raises(ValueError, match=r"bad\.beton.*truncated"):
-        train_loader(bad, 8, 1, seed=0, distributed=False)
+        train_loader(bad, 8, 1, ViewSpec(), distributed=False)
     bad.write_bytes(b"\x05" * len(data))
     with pytest.raises(ValueError, match=r"bad\.beton: not a readable FFCV"):
         val_loader(bad, 8, 1, rank=0, world_size=1)
@@ -400,7 +397,7 @@ def test_clear_errors_name_the_path(tree, tmp_path, capsys, monkeypatch):
     hurt = tmp_path / "hurt.beton"
     hurt.write_bytes(bytes(damaged))
     sidecar_path(hurt).write_text(sidecar_path(tree["out"]["val"]).read_text())
-    loader = val_loader(hurt, batch_size=64, num_workers=1, rank=0, world_size=1, image_size=OUT)
+    loader = val_loader(hurt, batch_size=64, num_workers=1, rank=0, world_size=1, spec=ViewSpec(val_image_size=OUT))
     with pytest.warns(RuntimeWarning, match=r"hurt\.beton: 1 sample\(s\) failed to decode"):
         (x, _, i), = [(x.clone(), y, i.clone()) for x, y, i in loader]  # one batch
     assert i.tolist() == list(range(len(i)))
@@ -464,28 +461,24 @@ def test_batch_preparer_skips_augmentation_when_decoded():
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, 256, (4, 3, 8, 10), generator=g, dtype=torch.uint8)
     x = x.contiguous(memory_format=torch.channels_last)
-    y, i = torch.arange(4), torch.arange(100, 104)
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
-    done = BatchPreparer(torch.device("cpu"), mean, std, seed=0, pad=4, flip=True,
-                         augment=False)
-    assert torch.equal(done.train(x, y, i, epoch=3)[0], normalize(x, mean, std))
-    live = BatchPreparer(torch.device("cpu"), mean, std, seed=0, pad=4, flip=True)
-    assert not torch.equal(live.train(x, y, i, epoch=3)[0], normalize(x, mean, std))
-    bf = BatchPreparer(torch.device("cpu"), mean, std, 0, 0, False, channels_last=True,
-                       dtype=torch.bfloat16)
-    out = bf.eval(x, y)[0]
+    i = torch.arange(100, 104)
+    batch = Batch(x, torch.arange(4), i, i, view=3)
+    meta, spec = {"mean": IMAGENET_MEAN, "std": IMAGENET_STD}, ViewSpec(seed=0, pad=4, flip=True)
+    done = BatchPreparer(meta, spec, augment=False)
+    assert torch.equal(done.train(batch)[0], normalize(x, IMAGENET_MEAN, IMAGENET_STD))
+    live = BatchPreparer(meta, spec)
+    assert not torch.equal(live.train(batch)[0], normalize(x, IMAGENET_MEAN, IMAGENET_STD))
+    bf = BatchPreparer(meta, ViewSpec(pad=0, flip=False), channels_last=True, dtype=torch.bfloat16)
+    out = bf.eval(batch)[0]
     assert out.dtype == torch.bfloat16 and out.is_contiguous(memory_format=torch.channels_last)
 
 
-def test_view_options_defaults_and_keys():
-    opts = view_options(RunConfig().data)
-    assert opts["train"]["image_size"] == 224 and opts["val"]["image_size"] == 224
-    assert opts["train"]["scale"] == (0.08, 1.0) and opts["val"]["crop_ratio"] == 224 / 256
-    from types import SimpleNamespace
-
-    cfg = SimpleNamespace(image_size=160, val_image_size=192, rrc_scale_min=0.35,
-                          val_crop_ratio=0.9, batches_ahead=2, flip=False)
-    opts = view_options(cfg)
-    assert opts["train"] == {"image_size": 160, "scale": (0.35, 1.0), "ratio": (3 / 4, 4 / 3),
-                             "flip": False, "batches_ahead": 2}
-    assert opts["val"] == {"image_size": 192, "crop_ratio": 0.9, "batches_ahead": 2}
+def test_view_spec_defaults_and_keys():
+    spec = ViewSpec.from_config(RunConfig())
+    assert spec.image_size == 224 and spec.val_image_size == 224
+    assert spec.scale == (0.08, 1.0) and spec.val_crop_ratio == 224 / 256
+    cfg = RunConfig()
+    cfg.seed, cfg.data.image_size, cfg.data.val_image_size, cfg.data.rrc_scale_min = 3, 160, 192, 0.35
+    cfg.data.val_crop_ratio, cfg.data.flip = 0.9, False
+    assert ViewSpec.from_config(cfg) == ViewSpec(seed=3, pad=4, flip=False, image_size=160, scale=(0.35, 1.0),
+                                                 ratio=(3 / 4, 4 / 3), val_image_size=192, val_crop_ratio=0.9)

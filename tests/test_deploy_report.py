@@ -16,7 +16,8 @@ from fullrange.cli import sweep_main
 from fullrange.deploy_stats import E_AC_PJ, E_MAC_PJ, DeployStats, deploy_report, early_exit_steps
 from fullrange.models import build_model
 from fullrange.models.layers import MergedLIF, encode_direct
-from fullrange.sweep import load_run, prefix_counts, prefix_mean
+from fullrange.evaluate import prefix_counts, prefix_mean
+from fullrange.sweep import load_run
 from test_sweep import NEURON, _fake_run, _trained_looking
 
 LIF_ARGS = {"decay": 0.5, "threshold": 1.0, "reset": "hard", "surrogate_alpha": 4.0, "detach_reset": False}

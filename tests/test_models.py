@@ -91,7 +91,7 @@ def test_neuron_kwargs_reach_every_lif():
     assert all(m.decay == 0.3 and m.reset == "soft" and m.threshold == 1.0 for m in lifs)
     preact = build_model("spiking_preact_resnet34", 10)  # ImageNet recipe by default
     lifs = [m for m in preact.modules() if isinstance(m, LIF)]
-    assert len(lifs) == 2 * (3 + 4 + 6 + 3) + 1  # two per block + before the pooling
+    assert len(lifs) == 2 * (3 + 4 + 6 + 3)  # two per block; none in the stem or before the pooling
     assert all(m.decay == 0.2 and m.reset == "soft" for m in lifs)
 
 

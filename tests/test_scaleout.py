@@ -2,7 +2,7 @@
 (SIGTERM -> checkpoint + requeue), non-finite loss, two "nodes" on loopback, a dead rank,
 DeepSpeed ZeRO-1/2 against DDP.
 
-Faults are injected with FULLRANGE_FAULT=KIND@STEP@RANK (fullrange.preemption). Every run
+Faults are injected with FULLRANGE_FAULT=KIND@STEP@RANK (tests/faults.py). Every run
 trains 2 epochs of 8 steps (256 samples, global batch 32) with a step checkpoint every 3 steps."""
 import json
 import os
@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, free_port, launch_command, launcher_env, run_launcher, student_overrides
+from conftest import FAULT_LAUNCH, REPO, free_port, launch_command, launcher_env, run_launcher, student_overrides
 from fullrange.metrics import read_metrics
 from fullrange.preemption import EXIT_NONFINITE, EXIT_REQUEUE
 
@@ -22,7 +22,7 @@ CONFIG = str(REPO / "configs" / "fmnist.yaml")
 
 def run_args(tiny_data, teacher_file, out_dir, name, **extra):
     # channels_last off: DeepSpeed keeps contiguous weights, and the comparisons are bit-exact then
-    extra = {"name": name, "optim.epochs": 2, "checkpoint_every_steps": 3, "log_every": 1,
+    extra = {"name": name, "optim.epochs": 2, "checkpoint_every_steps": 3, "log_every": 1, "stop_check_every": 1,
              "data.channels_last": "false", **extra}
     return [CONFIG, *student_overrides(tiny_data, teacher_file, out_dir, **extra)]
 
@@ -49,7 +49,7 @@ def reference(tmp_path_factory, tiny_data, teacher_file):
 def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, tiny_data, teacher_file, reference):
     args = run_args(tiny_data, teacher_file, tmp_path, "killed")
     # rank 1 is SIGKILLed right after step 11 (epoch 1, batch 3); accelerate then ends rank 0
-    killed = run_launcher("train.py", args, nproc=2, env={"FULLRANGE_FAULT": "sigkill@11@1"})
+    killed = run_launcher(FAULT_LAUNCH, args, nproc=2, env={"FULLRANGE_FAULT": "sigkill@11@1"})
     assert killed.returncode != 0
     run = tmp_path / "killed"
     assert trainer_state(run) == ("epoch_0001_batch_0000001", {"epoch": 1, "step": 9, "batch": 1})
@@ -71,7 +71,7 @@ def test_sigterm_one_rank_checkpoints_and_requeues(tmp_path, tiny_data, teacher_
     requeue = tmp_path / "requeue.json"
     args = run_args(tiny_data, teacher_file, tmp_path, "term")
     # only rank 1 receives SIGTERM (after step 5): both ranks agree to stop after step 5
-    done = run_launcher("train.py", args, nproc=2,
+    done = run_launcher(FAULT_LAUNCH, args, nproc=2,
                         env={"FULLRANGE_FAULT": "sigterm@5@1", "FULLRANGE_REQUEUE_FILE": str(requeue)})
     assert done.returncode != 0  # accelerate reports any failing child as 1; the children exit 75
     assert f"exitcode  : {EXIT_REQUEUE}" in done.stderr or f"exitcode: {EXIT_REQUEUE}" in done.stderr, done.stderr[-3000:]
@@ -84,7 +84,7 @@ def test_sigterm_one_rank_checkpoints_and_requeues(tmp_path, tiny_data, teacher_
 
 def test_nonfinite_loss_stops_every_rank_and_keeps_last_checkpoint(tmp_path, tiny_data, teacher_file):
     args = run_args(tiny_data, teacher_file, tmp_path, "nan", **{"optim.epochs": 1})
-    done = run_launcher("train.py", args, nproc=2, env={"FULLRANGE_FAULT": "nan@5@1"})
+    done = run_launcher(FAULT_LAUNCH, args, nproc=2, env={"FULLRANGE_FAULT": "nan@5@1"})
     assert f"exitcode  : {EXIT_NONFINITE}" in done.stderr or f"exitcode: {EXIT_NONFINITE}" in done.stderr, \
         done.stderr[-3000:]
     assert "non-finite loss (NaN or inf) on rank(s) [1] by step 5" in done.stderr
@@ -94,7 +94,7 @@ def test_nonfinite_loss_stops_every_rank_and_keeps_last_checkpoint(tmp_path, tin
 
 
 def start_node(args, rank, port, env=None):
-    cmd = launch_command("train.py", args, nproc=2, num_machines=2, machine_rank=rank, port=port)
+    cmd = launch_command(FAULT_LAUNCH, args, nproc=2, num_machines=2, machine_rank=rank, port=port)
     return subprocess.Popen(cmd, cwd=REPO, env=launcher_env(**(env or {})), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
 
@@ -154,7 +154,7 @@ def test_deepspeed_zero_matches_ddp(tmp_path, tiny_data, teacher_file, reference
     # ACCELERATE_USE_CPU=true would turn the DeepSpeed launch into plain MULTI_CPU
     env = {"ACCELERATE_USE_CPU": "false"}
     if stage == 2:
-        stopped = run_launcher("train.py", args, nproc=2, env={**env, "FULLRANGE_FAULT": "sigterm@5@0"},
+        stopped = run_launcher(FAULT_LAUNCH, args, nproc=2, env={**env, "FULLRANGE_FAULT": "sigterm@5@0"},
                                config_file=config)
         assert "preempted (SIGTERM" in stopped.stderr, stopped.stderr[-3000:]
         assert trainer_state(tmp_path / "zero2")[0] == "epoch_0000_batch_0000005"
@@ -174,8 +174,9 @@ def test_deepspeed_zero_matches_ddp(tmp_path, tiny_data, teacher_file, reference
 def test_stop_signals_fault_spec_and_checkpoint_order():
     """In-process pieces: SIGUSR1/SIGTERM are caught (and restored), a 1-process StopCheck,
     FULLRANGE_FAULT parsing, and checkpoint names that sort in training order."""
+    from faults import Fault
     from fullrange.checkpoint import checkpoint_name
-    from fullrange.preemption import Fault, StopCheck, StopSignals
+    from fullrange.preemption import StopCheck, StopSignals
 
     before = signal.getsignal(signal.SIGUSR1)
     with StopSignals() as signals:
@@ -187,7 +188,11 @@ def test_stop_signals_fault_spec_and_checkpoint_order():
         assert check.check(3)[1] == [0]
     assert signal.getsignal(signal.SIGUSR1) == before
     assert (Fault(1, "sigterm@5@1").kind, Fault(0, "sigterm@5@1").kind, Fault(0, "nan@3").step) == ("sigterm", None, 3)
-    assert torch.isnan(Fault(0, "nan@3").loss(torch.tensor(1.0), 3))
+    model = torch.nn.Linear(2, 2)
+    Fault(0, "nan@3")(1, model)
+    assert not torch.isnan(model.bias).any()
+    Fault(0, "nan@3")(2, model)  # after step 2: the loss of step 3 is NaN
+    assert torch.isnan(model.bias).all()
     with pytest.raises(ValueError, match="KIND@STEP"):
         Fault(0, "boom@1")
     names = [checkpoint_name(1), checkpoint_name(1, 3), checkpoint_name(1, 12), checkpoint_name(2), checkpoint_name(10)]

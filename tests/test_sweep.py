@@ -7,7 +7,7 @@ import torch
 from conftest import run_launcher
 from fullrange.config import load_config, save_config
 from fullrange.models import build_model
-from fullrange.sweep import prefix_counts, prefix_mean, topk_correct
+from fullrange.evaluate import prefix_counts, prefix_mean, topk_correct
 
 NEURON = {"decay": 0.5, "threshold": 1.0, "reset": "hard", "surrogate_alpha": 4.0, "detach_reset": False}
 

@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import PYTHON, REPO, launcher_env, run_launcher, student_overrides
-from fullrange.batches import BatchPreparer
+from conftest import FAULT_LAUNCH, PYTHON, REPO, launcher_env, run_launcher, student_overrides
 from fullrange.config import ConfigError, load_config
-from fullrange.data import read_sidecar, train_loader, view_epoch
+from fullrange.data import BatchPreparer, ViewSpec, device_batches, read_sidecar, train_loader, view_epoch
 from fullrange.losses import full_range_loss, skd_loss
 from fullrange.teacher_cache import CacheCorrupt, TeacherCache, compress_logits, rebuild_logits
 from fullrange.teachers import load_teacher
@@ -31,12 +30,17 @@ def cache_config(tiny_data, teacher_file, cache_dir, **extra):
 
 
 def build(overrides, env=None, nproc=None):
-    """launcher/cache_teacher.py: plain python (one process) or accelerate with nproc processes."""
-    args = [*overrides, "--chunk", str(CHUNK), "--batch-size", str(BATCH)]
+    """launcher/cache_teacher.py: plain python (one process) or accelerate with nproc processes;
+    with FULLRANGE_FAULT in env, through tests/fault_launch.py (tests/faults.py)."""
+    args = [str(REPO / "configs/fmnist.yaml"), *overrides, "--chunk", str(CHUNK), "--batch-size", str(BATCH)]
+    faulty = "FULLRANGE_FAULT" in (env or {})
     if nproc:
-        return run_launcher("cache_teacher.py", [str(REPO / "configs/fmnist.yaml"), *args], nproc=nproc, env=env)
-    return subprocess.run([PYTHON, str(REPO / "launcher/cache_teacher.py"), str(REPO / "configs/fmnist.yaml"), *args],
-                          cwd=REPO, env=launcher_env(**(env or {})), capture_output=True, text=True, timeout=600)
+        if faulty:
+            return run_launcher(FAULT_LAUNCH, ["cache", *args], nproc=nproc, env=env)
+        return run_launcher("cache_teacher.py", args, nproc=nproc, env=env)
+    script = [str(REPO / FAULT_LAUNCH), "cache"] if faulty else [str(REPO / "launcher/cache_teacher.py")]
+    return subprocess.run([PYTHON, *script, *args], cwd=REPO, env=launcher_env(**(env or {})), capture_output=True,
+                          text=True, timeout=600)
 
 
 def shard_bytes(cache_dir: Path) -> dict[str, bytes]:
@@ -58,14 +62,13 @@ def caches(tmp_path_factory, tiny_data, teacher_file):
 
 def student_batch(cfg, epoch):
     """The first training batch the student sees at `epoch`: (x [B,C,H,W], y [B], indices [B], view)."""
-    meta = read_sidecar(cfg.data.train_path)
-    loader = train_loader(cfg.data.train_path, cfg.data.batch_size, 1, cfg.seed, distributed=False)
+    meta, spec = read_sidecar(cfg.data.train_path), ViewSpec.from_config(cfg)
+    loader = train_loader(cfg.data.train_path, cfg.data.batch_size, 1, spec, distributed=False)
     view = view_epoch(epoch, cfg.data.views)
     loader.set_epoch(epoch, view)
-    images, labels, indices = next(iter(loader))
-    prep = BatchPreparer(torch.device("cpu"), meta["mean"], meta["std"], cfg.seed, cfg.data.pad, cfg.data.flip)
-    x, y = prep.train(images, labels, indices, view)
-    return x, y, indices.clone(), view
+    batch = next(device_batches(loader, torch.device("cpu"), loader.epoch_view))
+    x, y = BatchPreparer(meta, spec).train(batch)
+    return x, y, batch.host_indices, view
 
 
 def test_records_hand_computed():
@@ -96,7 +99,7 @@ def test_cached_kd_loss_equals_live_teacher(caches, teacher_file):
         x, y, idx, view = student_batch(cfg, epoch)
         with torch.no_grad():
             live = teacher(x)
-        cached = cache.teacher_logits(view, idx)
+        cached = cache.targets(x, idx, view)
         z = torch.randn(cfg.model.T, len(y), cfg.model.num_classes) * 3
         for loss_fn in (lambda t: full_range_loss(z, y, t, 0.2, 0.5, 3.0)[1]["twkl"],
                         lambda t: skd_loss(z, y, t, 0.2, 3.0)[1]["kd"]):

@@ -44,7 +44,8 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from .views import DEFAULT_CROP_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, check_scale_ratio
+from .spec import ViewSpec
+from .views import check_scale_ratio
 from .writer import FIELDS, read_sidecar
 
 IMAGE_FORMATS = ("raw", "rgb_jpeg")
@@ -53,17 +54,6 @@ IMAGE_FORMATS = ("raw", "rgb_jpeg")
 def image_format(meta: dict) -> str:
     """The sidecar's image_format ("raw" when absent: files written before it existed)."""
     return meta.get("image_format", "raw")
-
-
-def view_options(data_cfg) -> dict:
-    """The loader keyword arguments of a trainer's DataConfig: {"train": {...}, "val": {...}}
-    for train_loader / val_loader (used by rgb_jpeg files; raw small images ignore the sizes)."""
-    size = data_cfg.image_size
-    return {"train": {"image_size": size, "scale": (data_cfg.rrc_scale_min, DEFAULT_SCALE[1]),
-                      "ratio": DEFAULT_RATIO, "flip": data_cfg.flip,
-                      "batches_ahead": data_cfg.batches_ahead},
-            "val": {"image_size": data_cfg.val_image_size or size, "crop_ratio": data_cfg.val_crop_ratio,
-                    "batches_ahead": data_cfg.batches_ahead}}
 
 
 def check_beton(path: str | os.PathLike) -> dict:
@@ -171,6 +161,12 @@ class BetonLoader:
         """The epoch the next iteration will use (FFCV's `next_epoch`)."""
         return 0 if self.loader is None else int(self.loader.next_epoch)
 
+    @property
+    def epoch_view(self) -> int:
+        """The augmentation epoch of the next iteration's random views: the `view` given to
+        set_epoch, else the ordering epoch."""
+        return self.epoch if self.view is None else self.view
+
     def set_epoch(self, epoch: int, view: int | None = None, start_batch: int = 0) -> None:
         """Make the next iteration use `epoch`'s order (e.g. when resuming) and, for rgb_jpeg
         files, the random views of augmentation epoch `view` (default: `epoch`; see
@@ -237,49 +233,32 @@ class BetonLoader:
                 it.close()  # consumer broke early: stop FFCV's prefetch thread
 
 
-def _train_decoder(meta: dict, image_size, seed: int, scale, ratio, flip: bool):
-    """A fresh ReplayableRRCDecoder for rgb_jpeg files, None for raw files."""
+def train_decoder(meta: dict, spec: ViewSpec):
+    """A fresh ReplayableRRCDecoder for rgb_jpeg files (spec's crop, flip and output size), None
+    for raw files."""
     if image_format(meta) != "rgb_jpeg":
         return None
     from .decoders import ReplayableRRCDecoder
 
-    scale, ratio = check_scale_ratio(scale, ratio)
-    return ReplayableRRCDecoder(image_size, seed, scale, ratio, flip)
+    scale, ratio = check_scale_ratio(spec.scale, spec.ratio)
+    return ReplayableRRCDecoder(spec.image_size, spec.seed, scale, ratio, spec.flip)
 
 
-def train_view_recipe(meta: dict, seed: int, pad: int, flip: bool, *, image_size=224,
-                      scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO) -> dict:
-    """Everything besides the stored pixels that decides a training view (teacher-cache
-    manifests compare it): raw files -> pad_crop_flip's hash version, seed, pad and flip;
-    rgb_jpeg files -> the training decoder's recipe (crop hash, seed, scale, ratio, flip,
-    output size, resampling)."""
-    decoder = _train_decoder(meta, image_size, seed, scale, ratio, flip)
-    if decoder is not None:
-        return decoder.recipe()
-    from .augment import AUGMENT_VERSION
-
-    return {"view": f"pad-crop-flip {AUGMENT_VERSION}", "seed": int(seed), "pad": int(pad),
-            "flip": bool(flip)}
-
-
-def train_loader(path, batch_size: int, num_workers: int, seed: int, distributed: bool,
-                 os_cache: bool = True, drop_last: bool = True, *, image_size=224,
-                 scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO, flip: bool = True,
-                 batches_ahead: int = 3) -> BetonLoader:
-    """Shuffled training loader (FFCV order RANDOM, reshuffled each epoch from seed + epoch).
+def train_loader(path, batch_size: int, num_workers: int, spec: ViewSpec, distributed: bool,
+                 os_cache: bool = True, drop_last: bool = True, batches_ahead: int = 3) -> BetonLoader:
+    """Shuffled training loader (FFCV order RANDOM, reshuffled each epoch from spec.seed + epoch).
 
     distributed=True: FFCV shards the permutation across torch.distributed ranks (padded,
     see module docstring); torch.distributed must be initialised first.
     os_cache=True shares the page cache between processes; False uses FFCV's process cache.
     batches_ahead: batches FFCV prepares ahead of the consumer.
-    rgb_jpeg files only: image_size (int or (h, w)) of the random resized crop, its scale and
-    ratio ranges, flip (mirror half the views); the views are rrc_view_params(seed, epoch,
-    index, ...). Raw files ignore them (augment with pad_crop_flip)."""
+    rgb_jpeg files are decoded with the replayable random resized crop + flip of `spec`; raw
+    files yield the stored pixels (augment with pad_crop_flip: fullrange.data.BatchPreparer)."""
     from ffcv.loader import Loader, OrderOption
 
     _check_common(batch_size, num_workers, batches_ahead)
     meta = check_beton(path)
-    decoder = _train_decoder(meta, image_size, seed, scale, ratio, flip)
+    decoder = train_decoder(meta, spec)
     if distributed:
         import torch.distributed as dist
 
@@ -293,19 +272,18 @@ def train_loader(path, batch_size: int, num_workers: int, seed: int, distributed
     with _keep_torch_threads():
         loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                         os_cache=os_cache, order=OrderOption.RANDOM, distributed=distributed,
-                        seed=int(seed), pipelines=_pipelines(decoder), drop_last=drop_last,
+                        seed=int(spec.seed), pipelines=_pipelines(decoder), drop_last=drop_last,
                         batches_ahead=batches_ahead)
     return BetonLoader(loader, meta, n_rank, batch_size, decoder, augmented=decoder is not None)
 
 
-def view_loader(path, indices, batch_size: int, num_workers: int, seed: int, view: int,
-                os_cache: bool = True, *, image_size=224, scale=DEFAULT_SCALE, ratio=DEFAULT_RATIO,
-                flip: bool = True, batches_ahead: int = 3) -> BetonLoader:
+def view_loader(path, indices, batch_size: int, num_workers: int, spec: ViewSpec, view: int,
+                os_cache: bool = True, batches_ahead: int = 3) -> BetonLoader:
     """The training views of augmentation epoch `view` for `indices` (int [n], any order),
     yielded in that order (SEQUENTIAL, drop_last=False): what the teacher cache runs the
     teacher on. rgb_jpeg files are decoded with the training decoder at epoch `view`
-    (`augmented` is True); raw files yield the stored pixels: apply
-    pad_crop_flip(images, indices, seed, view, pad, flip) as the trainer does."""
+    (`augmented` is True); raw files yield the stored pixels, which BatchPreparer augments as
+    the trainer does."""
     from ffcv.loader import Loader, OrderOption
 
     _check_common(batch_size, num_workers, batches_ahead)
@@ -315,7 +293,7 @@ def view_loader(path, indices, batch_size: int, num_workers: int, seed: int, vie
         return BetonLoader(None, meta, 0, batch_size)
     if int(idx.max()) >= meta["num_samples"]:
         raise ValueError(f"{path}: index {int(idx.max())} out of range for {meta['num_samples']} samples")
-    decoder = _train_decoder(meta, image_size, seed, scale, ratio, flip)
+    decoder = train_decoder(meta, spec)
     with _keep_torch_threads():
         loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                         os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,
@@ -336,13 +314,12 @@ def shard_indices(num_samples: int, rank: int, world_size: int) -> np.ndarray:
 
 
 def val_loader(path, batch_size: int, num_workers: int, rank: int, world_size: int,
-               os_cache: bool = True, *, image_size=224, crop_ratio: float = DEFAULT_CROP_RATIO,
-               batches_ahead: int = 3) -> BetonLoader:
+               spec: ViewSpec = ViewSpec(), os_cache: bool = True, batches_ahead: int = 3) -> BetonLoader:
     """Evaluation loader: SEQUENTIAL, drop_last=False, this rank's contiguous shard passed as
     `indices=` so the union over ranks is every sample exactly once, for any world size.
     A rank with an empty shard (world_size > N) yields nothing.
-    rgb_jpeg files only: the centred square of side crop_ratio * shorter side, resized to
-    image_size (int or (h, w)); 224/256 is ImageNet's "resize 256, centre-crop 224"."""
+    rgb_jpeg files only: the centred square of side spec.val_crop_ratio * shorter side, resized
+    to spec.val_image_size; 224/256 is ImageNet's "resize 256, centre-crop 224"."""
     from ffcv.loader import Loader, OrderOption
 
     _check_common(batch_size, num_workers, batches_ahead)
@@ -354,7 +331,7 @@ def val_loader(path, batch_size: int, num_workers: int, rank: int, world_size: i
     if image_format(meta) == "rgb_jpeg":
         from .decoders import CenterCropDecoder
 
-        decoder = CenterCropDecoder(image_size, crop_ratio)
+        decoder = CenterCropDecoder(spec.val_image_size, spec.val_crop_ratio)
     with _keep_torch_threads():
         loader = Loader(str(path), batch_size=batch_size, num_workers=num_workers,
                         os_cache=os_cache, order=OrderOption.SEQUENTIAL, distributed=False,

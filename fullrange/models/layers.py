@@ -60,8 +60,9 @@ def encode_direct(x: torch.Tensor, T: Optional[int]) -> Tuple[torch.Tensor, int]
     return x.unsqueeze(0).expand(T, *x.shape).reshape(T * B, *x.shape[1:]), T
 
 
-def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal (fan_out) convs, BN weight 1 / bias 0; Linear keeps PyTorch's default."""
+def kaiming_init(model: nn.Module) -> None:
+    """Kaiming-normal (fan_out) convs with zero biases, BN weight 1 / bias 0; Linear keeps
+    PyTorch's default (torchvision's ResNet init; the official ImageNet student's)."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

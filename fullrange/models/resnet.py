@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import conv3x3, downsample, init_weights
+from fullrange.models.layers import conv3x3, downsample, kaiming_init
 from fullrange.models.spiking_resnet import TINY_STAGES
 
 
@@ -80,7 +80,7 @@ class ResNet(nn.Module):
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        init_weights(self)
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))

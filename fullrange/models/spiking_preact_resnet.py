@@ -1,15 +1,17 @@
-"""ImageNet pre-activation spiking ResNet-34 (student).
+"""ImageNet pre-activation spiking ResNet-34 (student), the official architecture.
 
     stem:  conv7x7/2 (with bias) -> BN -> maxpool 3x3/2          (no neuron in the stem)
     block: LIF -> conv3x3 -> BN -> LIF -> conv3x3 -> BN, + identity or downsample(x)
            (downsample = 1x1 conv + BN applied to the real-valued block input)
-    head:  LIF -> global average pool -> fc
+    head:  global average pool -> fc, on the real-valued residual stream (no neuron)
 
-The residual stream stays real-valued: neurons sit only at the entry of each conv branch. The
-stream is spiked once more before pooling (choice: as the official pre-activation code does, so
-the classifier reads firing rates, not the unbounded real-valued stream; no extra BN there).
-forward(x[B, 3, H, W], T) -> logits[T, B, num_classes]; causal in time in eval mode.
-Default neuron: decay 0.2, soft reset (the ImageNet recipe); `neuron` keys override it.
+Neurons sit only at the entry of each conv branch; the residual stream between blocks, and what
+the classifier reads, stay real-valued (PAPER.md). forward(x[B, 3, H, W], T) -> logits[T, B,
+num_classes]; causal in time in eval mode. Init as the official code: Kaiming-normal (fan_out)
+convs, BN weight 1 / bias 0, PyTorch's default Linear. The official block convs carry biases that
+each feed a BatchNorm, where they cancel in training; here they are left out, and
+fullrange.models.official folds them into the BN's running_mean when it loads an official
+checkpoint. Default neuron: decay 0.2, soft reset (the ImageNet recipe); `neuron` keys override it.
 """
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import (MergedLIF, TimeSequential, conv3x3, downsample, encode_direct,
-                                     init_weights)
+from fullrange.models.layers import MergedLIF, TimeSequential, conv3x3, downsample, encode_direct, kaiming_init
 
 IMAGENET_NEURON = {"decay": 0.2, "reset": "soft"}
 
@@ -63,10 +64,9 @@ class SpikingPreActResNet(nn.Module):
                 blocks.append(SpikingPreActBlock(in_planes, w, stride, neuron))
                 in_planes = w
             self.add_module(f"layer{i + 1}", TimeSequential(*blocks))
-        self.lif_out = MergedLIF(**neuron)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        init_weights(self)
+        kaiming_init(self)
 
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
@@ -74,8 +74,7 @@ class SpikingPreActResNet(nn.Module):
         x = self.maxpool(self.bn1(self.conv1(x)))
         for i in range(self.num_stages):
             x = getattr(self, f"layer{i + 1}")(x, T)
-        x = torch.flatten(self.avgpool(self.lif_out(x, T)), 1)
-        x = self.fc(x)
+        x = self.fc(torch.flatten(self.avgpool(x), 1))
         return x.view(T, -1, x.shape[-1])
 
 

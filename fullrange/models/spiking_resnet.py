@@ -9,6 +9,8 @@ forward(x[B, C, H, W], T) -> logits[T, B, num_classes]. Direct encoding: the ima
 times and every conv/BN runs on [T*B, C, H, W]; each LIF sees [T, B, ...]. Module names follow
 torchvision (conv1, bn1, layerK.J.conv1, layerK.J.downsample.0/.1, fc) so ANN weights can seed a
 student. In eval mode the network is causal in time: logits at step t depend on steps <= t only.
+Init as the official CIFAR code: PyTorch's defaults (Kaiming-uniform convs and Linears, BN weight 1
+/ bias 0); fullrange.models.official loads the official checkpoints.
 """
 from __future__ import annotations
 
@@ -17,8 +19,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import (MergedLIF, TimeSequential, conv3x3, downsample, encode_direct,
-                                     init_weights)
+from fullrange.models.layers import MergedLIF, TimeSequential, conv3x3, downsample, encode_direct
 
 
 class SpikingBasicBlock(nn.Module):
@@ -85,7 +86,6 @@ class SpikingResNet(nn.Module):
         else:
             self.head_fc, self.head_lif = None, None
         self.fc = nn.Linear(in_planes, num_classes)
-        init_weights(self)
 
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""

@@ -11,7 +11,7 @@
 
 The spec is what a student run must agree with: teacher (model name, sha256 of the weights
 file), data (the .beton sidecar's fingerprint, sample and class counts, normalisation),
-views (the augmentation recipe and seed, see fullrange.data.train_view_recipe) and k.
+views (the augmentation recipe and seed, see fullrange.data.ViewSpec.recipe) and k.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ import json
 from pathlib import Path
 
 from fullrange.config import ConfigError, RunConfig
-from fullrange.data import train_view_recipe, view_options
+from fullrange.data import ViewSpec
 
 from .records import effective_k
 
@@ -43,13 +43,11 @@ def views_needed(cfg: RunConfig) -> int:
 def cache_spec(cfg: RunConfig, meta: dict, weights_sha256: str | None) -> dict:
     """The identity a cache built for `cfg` has (meta: the train .beton sidecar).
     weights_sha256 None: the run names no teacher weights file, so none is compared."""
-    options = view_options(cfg.data)["train"]
     return {
         "teacher": {"name": cfg.teacher.name, "weights_sha256": weights_sha256},
         "data": {"fingerprint": meta["fingerprint"], "num_samples": int(meta["num_samples"]),
                  "num_classes": int(meta["num_classes"]), "mean": meta["mean"], "std": meta["std"]},
-        "views": train_view_recipe(meta, cfg.seed, cfg.data.pad, options["flip"], image_size=options["image_size"],
-                                   scale=options["scale"], ratio=options["ratio"]),
+        "views": ViewSpec.from_config(cfg).recipe(meta),
         "k": effective_k(cfg.teacher.topk, int(meta["num_classes"])),
     }
 

@@ -75,7 +75,7 @@ class TeacherCache:
             raise ValueError(f"teacher cache {self.path} has views 0..{self.views - 1}, asked for view {view}")
         if view != self._view:
             self._open_view(view)
-        idx = np.asarray(indices.cpu() if torch.is_tensor(indices) else indices, dtype=np.int64).reshape(-1)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)  # a CPU tensor or array
         if len(idx) and (idx.min() < 0 or idx.max() >= self.num_samples):
             raise ValueError(f"teacher cache {self.path}: sample index out of range 0..{self.num_samples - 1}")
         chunk_of, row = np.divmod(idx, self.chunk)
@@ -85,8 +85,13 @@ class TeacherCache:
             out[sel] = self._shards[int(c)][row[sel]]
         return from_records(out)
 
-    def teacher_logits(self, view: int, indices: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The rebuilt teacher logits [B, C] (float32, on `device`) of samples `indices` in
-        view `view`: feed them to the losses where a live teacher's logits would go."""
+    def targets(self, x: torch.Tensor, indices: torch.Tensor, view: int) -> torch.Tensor:
+        """fullrange.targets.TeacherTargets: the rebuilt teacher logits [B, C] (float32, on x's
+        device) of samples `indices` (int64 [B], CPU) in view `view`. On CUDA the records are
+        copied from pinned memory without waiting (the host allocator keeps each pinned block
+        until its copy is done)."""
         values, classes = self.lookup(view, indices)
-        return rebuild_logits(values.to(device), classes.to(device), self.num_classes)
+        if x.is_cuda:
+            values, classes = values.pin_memory(), classes.pin_memory()
+        return rebuild_logits(values.to(x.device, non_blocking=True), classes.to(x.device, non_blocking=True),
+                              self.num_classes)
