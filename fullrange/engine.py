@@ -210,8 +210,10 @@ class Trainer:
         result = accuracies(all_reduce_counts(counts, acc.device))
         checksums = acc.gather(torch.tensor([weights_checksum(self.model)], dtype=torch.float64,
                                             device=acc.device)).tolist()
+        dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in self.model.state_dict().values()})
         self.log.write(step=self.step, epoch=self.epoch + 1, val_total=result["total"], val_top1=result["top1"][-1],
-                       val_top1_T1=result["top1"][0], val_top1_per_T=result["top1"], weights_checksums=checksums)
+                       val_top1_T1=result["top1"][0], val_top1_per_T=result["top1"], weights_checksums=checksums,
+                       weights_dtypes=dtypes)
         return result
 
     def save_epoch(self) -> Path:

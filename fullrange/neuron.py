@@ -273,14 +273,55 @@ def _import_cpu_kernel() -> Tuple[Optional[Callable], Optional[str]]:
     return _IMPORTED["cpu"]
 
 
+_TRITON_CHECKS: dict = {}  # str(device) -> None (the kernel agrees with the torch backend) or why not
+
+
+@torch.compiler.disable
+def _triton_self_check(fn: Callable, device: torch.device) -> Optional[str]:
+    """Compile and run the Triton kernel on a small fp32 tensor of `device` (both resets) and
+    compare it with the torch backend: spikes equal, input gradients to 1e-5. None when it
+    agrees, else why not (a compile error, or the first disagreement)."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4, 3000, generator=g) * 0.8 + 0.6).to(device)
+    grad = torch.randn(4, 3000, generator=g).to(device)
+    try:
+        with torch.enable_grad():
+            for reset, decay in (("hard", 0.5), ("soft", 0.2)):
+                xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+                sa = fn(xa, decay, 1.0, reset, 4.0, False)
+                sb = _lif_torch(xb, decay, 1.0, reset, 4.0, False)
+                (sa * grad).sum().backward()
+                (sb * grad).sum().backward()
+                if not torch.equal(sa, sb):
+                    return f"its spikes differ from the torch backend ({reset} reset)"
+                if not torch.allclose(xa.grad, xb.grad, rtol=0, atol=1e-5):
+                    return f"its gradients differ from the torch backend ({reset} reset)"
+    except Exception as err:  # noqa: BLE001 - any compile or launch failure means: do not use it
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return None
+
+
+def _triton_unusable(device: torch.device) -> Optional[str]:
+    """Why the Triton kernel cannot serve `device` (it does not import, or its first-use check
+    on that device failed), or None. Checked once per device."""
+    fn, why = _import_triton()
+    if fn is None:
+        return why
+    key = str(device)
+    if key not in _TRITON_CHECKS:
+        _TRITON_CHECKS[key] = _triton_self_check(fn, device)
+    return _TRITON_CHECKS[key]
+
+
 def resolve_backend(backend: str, x: torch.Tensor) -> str:
     """The backend that will run x: "torch", "triton" or "cpu".
 
-    "auto" -> "triton" for CUDA fp32/fp16/bf16 tensors when fullrange.kernels.lif imports,
+    "auto" -> "triton" for CUDA fp32/fp16/bf16 tensors when fullrange.kernels.lif imports and
+    passes its first-use check on that device (compiled and compared with the torch backend),
     "cpu" for CPU fp32/fp64 tensors when fullrange.kernels.lif_cpu (numba) imports, else
     "torch" (float64 on GPU, half/bf16 on CPU, other devices); a fallback from a kernel that
-    did not import warns once. A forced "triton" or "cpu" raises RuntimeError when its kernel
-    cannot be imported; "cpu" also when x is not a float32/float64 CPU tensor.
+    is unavailable warns once. A forced "triton" or "cpu" raises RuntimeError when its kernel is
+    unavailable; "cpu" also when x is not a float32/float64 CPU tensor.
     """
     if backend not in BACKENDS:
         raise ValueError(f"LIF backend must be one of {BACKENDS}, got {backend!r}")
@@ -289,26 +330,22 @@ def resolve_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "cpu" and not (x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES):
         raise RuntimeError(f"LIF backend='cpu' needs a float32 or float64 CPU tensor, got "
                            f"{x.dtype} on {x.device}; use backend='auto' or 'torch'")
-    if backend == "auto":
+    forced = backend != "auto"
+    if not forced:
         if x.device.type == "cpu" and x.dtype in _CPU_KERNEL_DTYPES:
             backend = "cpu"
         elif x.is_cuda and x.dtype in _TRITON_DTYPES:
             backend = "triton"
         else:
             return "torch"
-        forced = False
-    else:
-        forced = True
     if backend == "triton":
-        fn, why = _import_triton()
-        what = "fullrange.kernels.lif (Triton)"
+        why, what = _triton_unusable(x.device), "fullrange.kernels.lif (Triton)"
     else:
-        fn, why = _import_cpu_kernel()
-        what = "fullrange.kernels.lif_cpu (numba)"
-    if fn is not None:
+        why, what = _import_cpu_kernel()[1], "fullrange.kernels.lif_cpu (numba)"
+    if why is None:
         return backend
     if forced:
-        raise RuntimeError(f"LIF backend={backend!r} but {what} could not be imported ({why}); "
+        raise RuntimeError(f"LIF backend={backend!r} but {what} is unavailable ({why}); "
                            f"use backend='torch' or 'auto'")
     _warn_fallback(what, why)
     return "torch"

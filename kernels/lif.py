@@ -34,7 +34,7 @@ import os
 import torch
 from torch import Tensor
 
-try:  # triton is optional at import time: CPU-only machines use the torch LIF backend.
+try:  # triton is optional at import time (the op then raises a clear error when called)
     import triton
     import triton.language as tl
 

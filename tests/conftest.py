@@ -102,3 +102,15 @@ def run_launcher(script: str, args: list[str], nproc: int = 1, timeout: int = 60
     env: extra environment variables; launch: keyword arguments of launch_command."""
     return subprocess.run(launch_command(script, args, nproc, **launch), cwd=REPO, env=launcher_env(**(env or {})),
                           capture_output=True, text=True, timeout=timeout)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked gpu skip without CUDA (scripts/gpu_check.sh runs them on a GPU machine)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (scripts/gpu_check.sh runs these)")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)

@@ -245,5 +245,34 @@ def test_cpu_tensor_without_interpreter_fails_clearly():
     assert proc.stdout.split() == ["OK", "OK"], proc.stderr[-3000:]
 
 
+def test_first_use_check_and_fallback():
+    """The first use of the Triton kernel on a device compiles it and compares it with the torch
+    backend (here the interpreter on the CPU). A kernel that disagrees (a stand-in that drops
+    the reset) makes backend='triton' raise and is never used; a kernel that fails the same way
+    on an unusable device (a CPU tensor without the interpreter) is reported, not used."""
+    code = (
+        "import torch, warnings\n"
+        "from fullrange import neuron\n"
+        "cpu = torch.device('cpu')\n"
+        "assert neuron._triton_unusable(cpu) is None\n"
+        "x = torch.randn(3, 50) + 0.5\n"
+        "assert neuron.resolve_backend('triton', x) == 'triton'\n"
+        "def no_reset(x, decay, threshold, reset, alpha, detach):\n"
+        "    return neuron.lif_multistep(x, decay, threshold, reset, alpha, detach) * 0 + (x >= threshold).to(x.dtype)\n"
+        "neuron._IMPORTED['triton'] = (no_reset, None); neuron._TRITON_CHECKS.clear()\n"
+        "why = neuron._triton_unusable(cpu); assert why and 'spikes differ' in why, why\n"
+        "try:\n"
+        "    neuron.lif(x, backend='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'spikes differ' in str(e), e; print('RAISED')\n"
+    )
+    proc = _python(["-c", code], {"TRITON_INTERPRET": "1"}, 240)
+    assert proc.stdout.split() == ["RAISED"], proc.stderr[-3000:]
+    code = ("import torch\nfrom fullrange import neuron\n"
+            "why = neuron._triton_unusable(torch.device('cpu')); assert 'needs a GPU tensor' in why, why; print('OK')\n")
+    proc = _python(["-c", code], {}, 120)
+    assert proc.stdout.split() == ["OK"], proc.stderr[-3000:]
+
+
 if __name__ == "__main__" and "--worker" in sys.argv:
     _worker_main()

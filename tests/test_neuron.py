@@ -238,6 +238,7 @@ def test_triton_backend_dispatch(monkeypatch):
         return torch.zeros_like(x)
 
     monkeypatch.setattr(neuron_mod, "_import_triton", lambda: (fake, None))
+    monkeypatch.setitem(neuron_mod._TRITON_CHECKS, "cpu", None)  # as if it passed its first-use check
     out = LIF(0.25, 0.75, "soft", 3.0, True, backend="triton")(torch.ones(2, 3))
     assert torch.equal(out, torch.zeros(2, 3))
     assert calls == [(0.25, 0.75, "soft", 3.0, True)]

@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark in one command, for a lent GPU machine (device tool) or any CUDA box:
+#   bash scripts/gpu_check.sh            # writes gpu_check.json (and logs) to $OUT, else ./gpu_check/
+# Setup: a venv over the machine's own CUDA torch (--system-site-packages), fullrange installed
+# editable without dependencies, and the wheels in .whl/ (scripts/gpu_wheels.sh fetches them on a
+# machine with PyPI: spikingjelly, loguru, and an ffcv wheel with its libraries) when present.
+# Then: pytest -m gpu, bench/lif.py (T=4, N=2^24, bf16, against SpikingJelly's Triton and CuPy
+# backends) and bench/train_step.py (preact ResNet-34, T=4, bf16, batch 64, 224 px).
+# Budget: about 8 minutes on one H100-class GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+OUT_DIR="${OUT:-$PWD/gpu_check}"
+mkdir -p "$OUT_DIR"
+PY="${GPU_PYTHON:-python3}"
+VENV=/tmp/fullrange-gpu-venv
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PY" -m venv --system-site-packages "$VENV" || exit 1
+fi
+"$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation --no-index -e . >"$OUT_DIR/setup.log" 2>&1 \
+    || { echo "gpu_check: pip install -e . failed (see $OUT_DIR/setup.log)"; exit 1; }
+if compgen -G ".whl/*.whl" >/dev/null; then
+    "$VENV/bin/python" -m pip install -q --no-deps --no-index .whl/*.whl >>"$OUT_DIR/setup.log" 2>&1 \
+        || echo "gpu_check: some wheels in .whl/ did not install (see setup.log)"
+fi
+export PATH="$VENV/bin:$PATH" PYTHONUNBUFFERED=1 SETUPTOOLS_USE_DISTUTILS=local  # ffcv imports distutils (gone in 3.12)
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT_DIR/gpu.txt" 2>&1
+
+status=0
+timeout 300 python -m pytest -m gpu tests/test_gpu.py -q -rs --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 \
+    | tee "$OUT_DIR/gpu_tests.log" | tail -n 25 || status=1
+timeout 150 python bench/lif.py --n 16777216 --t 4 --dtype bfloat16 2>&1 | tee "$OUT_DIR/bench_lif.log" | tail -n 30
+timeout 90 python bench/train_step.py --model spiking_preact_resnet34 --T 4 --batch 64 --size 224 2>&1 \
+    | tee "$OUT_DIR/bench_step.log" | tail -n 3
+
+python - "$OUT_DIR" <<'PY'
+import json, re, sys
+from pathlib import Path
+out = Path(sys.argv[1])
+def read(name):
+    p = out / name
+    return p.read_text(errors="replace") if p.is_file() else ""
+tests = read("gpu_tests.log")
+summary = re.findall(r"(\d+) (passed|failed|skipped|error)", tests)
+step = [json.loads(l) for l in read("bench_step.log").splitlines() if l.startswith("{")]
+lif = [l for l in read("bench_lif.log").splitlines() if "/ ours" in l or "x " in l][-12:]
+report = {"gpu": read("gpu.txt").strip(), "tests": {k: int(v) for v, k in summary},
+          "train_step": step[-1] if step else None, "lif_bench_tail": lif}
+(out / "gpu_check.json").write_text(json.dumps(report, indent=1))
+print(json.dumps(report, indent=1))
+PY
+exit $status
