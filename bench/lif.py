@@ -58,6 +58,9 @@ from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from fullrange.neuron import lif_reference  # noqa: E402
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OURS = ("fullrange triton", "fullrange cpu", "fullrange torch")  # preference: what "auto" runs
 PAPER = {"hard": (0.5, 1.0), "soft": (0.2, 1.0)}  # reset -> (decay, threshold)
@@ -88,33 +91,10 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- implementations
 
 
-class _Spike(torch.autograd.Function):
-    """Heaviside forward, sigmoid-surrogate backward (slope alpha)."""
-
-    @staticmethod
-    def forward(ctx, d, alpha):
-        ctx.save_for_backward(d)
-        ctx.alpha = alpha
-        return (d >= 0).to(d.dtype)
-
-    @staticmethod
-    def backward(ctx, g):
-        (d,) = ctx.saved_tensors
-        sig = torch.sigmoid(ctx.alpha * d)
-        return g * ctx.alpha * sig * (1 - sig), None
-
-
 def torch_loop(x, decay, threshold, reset, alpha, detach_reset):
-    """The textbook LIF: a Python loop over T of autograd ops (what the official code does)."""
-    v = torch.zeros_like(x[0])
-    out = []
-    for t in range(x.shape[0]):
-        h = decay * v + x[t]
-        s = _Spike.apply(h - threshold, alpha)
-        r = s.detach() if detach_reset else s
-        v = h * (1 - r) if reset == "hard" else h - threshold * r
-        out.append(s)
-    return torch.stack(out)
+    """The textbook LIF, fullrange.neuron.lif_reference: a Python loop over T of autograd ops
+    (what the official code does); the timed peer and the check of every other row."""
+    return lif_reference(x, decay, threshold, reset, alpha, detach_reset)[0]
 
 
 def build_impls(args, device):

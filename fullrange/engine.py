@@ -192,9 +192,9 @@ class Trainer:
                 hook(self.step, self.model)
             saving = bool(cfg.checkpoint_every_steps) and self.step % cfg.checkpoint_every_steps == 0 \
                 and i + 1 < self.steps_per_epoch
-            self.agree_to_stop(i + 1, force=saving)
             if cfg.log_every and self.step % cfg.log_every == 0:
-                self.log_step(loss, parts, progress, task)
+                self.log_step(loss, parts, progress, task)  # before a stop: a preempted step keeps its line
+            self.agree_to_stop(i + 1, force=saving)
             if saving:
                 self.checkpointer.save(self.epoch, self.step, i + 1)
             progress.advance(task)

@@ -27,7 +27,7 @@ integrated in fp32 and spikes are returned in the input dtype.
 
 Numerics of the torch backend: the charge is evaluated as ``decay * v`` then ``+ x`` (two
 roundings, no fused multiply-add), so its spikes are bit-identical to a plain PyTorch loop of
-the formulas (see lif_membrane). Without autograd (no_grad, or x not requiring grad) nothing is
+the formulas (lif_reference). Without autograd (no_grad, or x not requiring grad) nothing is
 saved. For half inputs the saved h - threshold is rounded to fp16, so a spike recomputed in the
 backward can disagree with the forward only when |h - threshold| is below fp16's resolution.
 """
@@ -48,7 +48,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
-__all__ = ["LIF", "lif", "lif_multistep", "lif_membrane", "resolve_backend", "check_lif_args",
+__all__ = ["LIF", "lif", "lif_multistep", "lif_reference", "lif_membrane", "resolve_backend", "check_lif_args",
            "RESETS", "BACKENDS"]
 
 
@@ -217,31 +217,61 @@ def _lif_torch(x, decay, threshold, reset, surrogate_alpha, detach_reset):
                                float(surrogate_alpha), detach_reset)
 
 
+class SurrogateSpike(torch.autograd.Function):
+    """d = h - threshold [...] -> spikes (d >= 0) in d's dtype; backward: the sigmoid surrogate
+    a * sig(a d) * (1 - sig(a d))."""
+
+    @staticmethod
+    def forward(ctx, d, alpha):
+        ctx.save_for_backward(d)
+        ctx.alpha = alpha
+        return (d >= 0).to(d.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        (d,) = ctx.saved_tensors
+        sig = torch.sigmoid(ctx.alpha * d)
+        return grad * ctx.alpha * sig * (1 - sig), None
+
+
+def lif_reference(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0, reset: str = "hard",
+                  surrogate_alpha: float = 4.0, detach_reset: bool = False):
+    """The LIF of the module docstring, stated once as a plain loop over T of autograd ops:
+    x[T, ...] -> (spikes, h pre-fire, v post-reset), each [T, ...] in x's dtype.
+
+    The reference that the fast paths (the torch backend below, the Triton and CPU kernels) are
+    checked against, and the "textbook" loop that bench/lif.py times. Its gradients come from
+    autograd through SurrogateSpike, so it also checks the hand-written backward recurrences."""
+    v = torch.zeros_like(x[0])
+    spikes, hs, vs = [], [], []
+    for t in range(x.shape[0]):
+        h = decay * v + x[t]
+        s = SurrogateSpike.apply(h - threshold, surrogate_alpha)
+        r = s.detach() if detach_reset else s
+        v = h * (1 - r) if reset == "hard" else h - threshold * r
+        spikes.append(s)
+        hs.append(h)
+        vs.append(v)
+    return torch.stack(spikes), torch.stack(hs), torch.stack(vs)
+
+
 @torch.no_grad()
 def lif_membrane(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0,
                  reset: str = "hard", surrogate_alpha: float = 4.0,
                  detach_reset: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Plain-loop LIF for tests and analysis (no autograd): x[T, ...] -> (spikes, h, v).
+    """lif_reference without autograd, for analysis: x[T, ...] -> (spikes, h, v).
 
     h[t] is the membrane after charging and before firing, v[t] after the reset. spikes are in
-    x's dtype; h and v in the compute dtype (fp32 for half/bf16, else x's dtype).
-    surrogate_alpha and detach_reset only affect gradients; they are accepted (and validated)
-    so the call mirrors lif_multistep.
-    """
+    x's dtype; h and v in the compute dtype (fp32 for half/bf16, else x's dtype). Arguments are
+    validated as for lif_multistep."""
     check_lif_args(decay, threshold, reset, surrogate_alpha, detach_reset)
     _check_input(x)
-    cdt = _compute_dtype(x.dtype)
-    xs = x.to(cdt)
-    h_seq = torch.empty_like(xs, memory_format=torch.contiguous_format)
-    v_seq = torch.empty_like(h_seq)
-    spikes = torch.empty_like(h_seq)
-    v = torch.zeros(x.shape[1:], dtype=cdt, device=x.device)
-    for t in range(x.shape[0]):
-        h = decay * v + xs[t]
-        s = (h >= threshold).to(cdt)
-        v = h * (1.0 - s) if reset == "hard" else h - threshold * s
-        h_seq[t], spikes[t], v_seq[t] = h, s, v
-    return spikes.to(x.dtype), h_seq, v_seq
+    if x.shape[0] == 0:
+        empty = torch.empty_like(x, dtype=_compute_dtype(x.dtype))
+        return x.clone(), empty, empty.clone()
+    spikes, h, v = lif_reference(x.to(_compute_dtype(x.dtype)), decay, threshold, reset, surrogate_alpha,
+                                 detach_reset)
+    return spikes.to(x.dtype), h, v
 
 
 _IMPORTED: dict = {}  # kernel name -> (function, None) or (None, why it failed)

@@ -26,7 +26,7 @@ export PATH="$VENV/bin:$PATH" PYTHONUNBUFFERED=1 SETUPTOOLS_USE_DISTUTILS=local 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT_DIR/gpu.txt" 2>&1
 
 status=0
-timeout 300 python -m pytest -m gpu tests/test_gpu.py -q -rs --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 \
+timeout 300 python -m pytest -m gpu tests -q -rs --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 \
     | tee "$OUT_DIR/gpu_tests.log" | tail -n 25 || status=1
 timeout 150 python bench/lif.py --n 16777216 --t 4 --dtype bfloat16 2>&1 | tee "$OUT_DIR/bench_lif.log" | tail -n 30
 timeout 90 python bench/train_step.py --model spiking_preact_resnet34 --T 4 --batch 64 --size 224 2>&1 \

@@ -15,7 +15,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageOps
 
 from fullrange.data import autoaugment as aa
-from fullrange.data.augment import _reference_words, hash_words
+import hash_reference
 
 # The reference restates the common CIFAR10Policy's ranges and Pillow calls independently.
 REF_RANGES = {
@@ -143,12 +143,16 @@ def test_autoaugment_matches_pillow_policy(batches):
     assert draw.applied.all(1).any() and (ours != x).flatten(1).any(1).float().mean() > 0.5
 
 
-def test_hash_words_are_augments_words():
+def test_draws_follow_the_hash_reference():
     idx = torch.tensor([0, 1, 12345, 2**40 + 7])
-    words = hash_words(3, 9, idx, (0, 1, 2))
+    draw, (cy, cx) = aa.draw_policy(3, 9, idx), aa.cutout_centres(3, 9, idx, 32, 28)
     for k, i in enumerate(idx.tolist()):
-        ref = [w - (1 << 64) if w >= 1 << 63 else w for w in _reference_words(3, 9, i)]
-        assert [int(w[k]) for w in words] == ref
+        w = [hash_reference.word(3, 9, i, j) for j in range(64, 71)]
+        assert int(draw.policy[k]) == hash_reference.below(w[0], 25)
+        tenths = [round(10 * p) for _, p, _ in aa.CIFAR10_POLICY[int(draw.policy[k])]]
+        assert draw.applied[k].tolist() == [hash_reference.below(w[1 + s], 10) < tenths[s] for s in (0, 1)]
+        assert draw.negative[k].tolist() == [w[3] >> 63 == 1, w[4] >> 63 == 1]
+        assert (int(cy[k]), int(cx[k])) == (hash_reference.below(w[5], 32), hash_reference.below(w[6], 28))
 
 
 def test_draws_depend_only_on_seed_epoch_index():
@@ -280,10 +284,10 @@ def test_rejects_bad_inputs():
         aa.cutout(torch.zeros(2, 3, 8, 8), torch.arange(3), 0, 0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.gpu
 def test_cuda_matches_cpu(batches):
     for x in batches.values():
         idx = torch.arange(len(x)) + 99
         cpu = aa.cutout(aa.autoaugment(x, idx, 3, 1), idx, 3, 1)
-        gpu = aa.cutout(aa.autoaugment(x.cuda(), idx.cuda(), 3, 1), idx.cuda(), 3, 1)
+        gpu = aa.cutout(aa.autoaugment(x.cuda(), idx, 3, 1), idx, 3, 1)  # indices stay on the CPU
         assert torch.equal(gpu.cpu(), cpu)

@@ -14,7 +14,8 @@ import torch
 from fullrange.data import (ViewSpec, check_beton, load_bundled, normalize, pad_crop_flip, prepare_bundled,
                             read_idx, read_sidecar, sidecar_path, train_loader, val_loader,
                             view_params, write_beton)
-from fullrange.data import augment
+import hash_reference
+from fullrange.data.hashing import draws
 from fullrange.data.bundled import FMNIST_DIR, _fmnist_available
 
 HAVE_FMNIST = _fmnist_available(FMNIST_DIR)
@@ -189,10 +190,10 @@ def test_views_independent_of_batching_and_order():
 def test_hash_matches_uint64_reference_and_is_uniform():
     idx = torch.tensor([0, 1, 2, 12345, 2**40 + 3, 2**62])
     for seed, epoch in [(0, 0), (3, 7), (2**63 + 9, 2**33)]:
-        key = augment._key(seed, epoch, idx)
+        got = draws(seed, epoch, idx, (0, 1, 2, 2), (2**32, 2**32, 2**32, 2))  # n = 2**32: the top 32 bits
         for j, i in enumerate(idx.tolist()):
-            got = [int(augment._mix(key[j] ^ t)) & augment._M64 for t in range(3)]
-            assert got == list(augment._reference_words(seed, epoch, i))
+            want = [hash_reference.word(seed, epoch, i, k) for k in (0, 1, 2)]
+            assert got[:3, j].tolist() == [w >> 32 for w in want] and int(got[3, j]) == want[2] >> 63
     n, pad = 90_000, 4
     dy, dx, fl = view_params(0, 0, torch.arange(n), pad)
     k = 2 * pad + 1

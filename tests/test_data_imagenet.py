@@ -18,6 +18,7 @@ import pytest
 import torch
 from PIL import Image
 
+import hash_reference
 from fullrange.config import RunConfig
 from fullrange.data import (Batch, BatchPreparer, ViewSpec, center_view_params, check_beton, normalize, read_sidecar,
                             rrc_view_params, sidecar_path, train_loader, val_loader, view_params, write_imagefolder)
@@ -173,22 +174,11 @@ def _labels(path):
 
 
 # ---------------------------------------------------------------- view parameters
-_M = (1 << 64) - 1
-
-
-def _mix(z):
-    z = (z + 0x9E3779B97F4A7C15) & _M
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M
-    return z ^ (z >> 31)
-
-
 def _rrc_reference(seed, epoch, index, H, W, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
     """Pure-Python (int + math) statement of the recipe in fullrange/data/views.py."""
     import math
 
-    key = _mix(_mix(_mix(seed & _M) ^ (epoch & _M)) ^ (index & _M))
-    word = lambda k: _mix(key ^ k)  # noqa: E731
+    word = lambda k: hash_reference.word(seed, epoch, index, k)  # noqa: E731
     unit = lambda k: (word(k) >> 11) * 2.0 ** -53  # noqa: E731
     flip = bool(word(2) >> 63)
     lo, hi = math.log(ratio[0]), math.log(ratio[1])

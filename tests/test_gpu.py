@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, launcher_env, student_overrides
-from lif_reference import reference_lif
+from fullrange.neuron import lif_reference
 
 pytestmark = pytest.mark.gpu
 CUDA = torch.device("cuda")
@@ -37,7 +37,7 @@ def test_triton_matches_torch_backend(dtype, reset, decay):
     spikes = lif_multistep_triton(xk, decay, 1.0, reset, 4.0, False)
     spikes.backward(grad)
     xr = x.float().requires_grad_()
-    ref, _, _ = reference_lif(xr, decay, 1.0, reset, 4.0, False)
+    ref, _, _ = lif_reference(xr, decay, 1.0, reset, 4.0, False)
     ref.backward(grad.float())
     assert spikes.dtype == dtype and torch.equal(spikes.float(), ref)
     scale = max(1.0, xr.grad.abs().max().item())

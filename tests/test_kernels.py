@@ -67,7 +67,7 @@ def _case_inputs(dtype, t, inner, threshold, seed):
 def _run_case(case, seed):
     import torch
     from fullrange.kernels.lif import _lif_fwd, lif_multistep_triton
-    from lif_reference import reference_lif
+    from fullrange.neuron import lif_reference
 
     name, dtype, t, inner, reset, detach, decay, threshold, alpha = case
     x, grad_s = _case_inputs(dtype, t, inner, threshold, seed)
@@ -77,7 +77,7 @@ def _run_case(case, seed):
     _, state = _lif_fwd(x, decay, threshold, reset == "soft", alpha, detach, True)
 
     xr = x.float().requires_grad_()
-    ref_s, ref_h, _ = reference_lif(xr, decay, threshold, reset, alpha, detach)
+    ref_s, ref_h, _ = lif_reference(xr, decay, threshold, reset, alpha, detach)
     ref_s.backward(grad_s.float())
     low = dtype != "float32"
     ref_d = ref_h.detach() - threshold
@@ -98,14 +98,14 @@ def _run_case(case, seed):
 def _extra_checks():
     import torch
     from fullrange.kernels.lif import _lif_bwd, _lif_fwd, lif_multistep_triton
-    from lif_reference import reference_lif
+    from fullrange.neuron import lif_reference
 
     out = {}
     x, grad_s = _case_inputs("float32", 4, [3, 33], 1.0, seed=7)
     # No grad needed -> no state is written; spikes unchanged.
     with torch.no_grad():
         s_nograd = lif_multistep_triton(x.clone().requires_grad_(), 0.5, 1.0, "hard", 4.0, False)
-    s_ref = reference_lif(x, 0.5, 1.0, "hard", 4.0, False)[0]
+    s_ref = lif_reference(x, 0.5, 1.0, "hard", 4.0, False)[0]
     _, state = _lif_fwd(x, 0.5, 1.0, False, 4.0, False, False)
     out["nograd_spikes_equal"] = bool(torch.equal(s_nograd, s_ref))
     out["nograd_state_empty"] = state.numel() == 0

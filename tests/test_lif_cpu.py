@@ -24,7 +24,7 @@ import torch
 
 from fullrange.kernels import lif_cpu
 from fullrange.kernels.lif_cpu import _lif_cpu_bwd, _lif_cpu_fwd, lif_multistep_cpu
-from lif_reference import reference_lif
+from fullrange.neuron import lif_reference
 
 pytestmark = pytest.mark.skipif(not lif_cpu.cpu_kernel_available(),
                                 reason=f"numba is not importable: {lif_cpu.cpu_kernel_error()}")
@@ -45,7 +45,7 @@ def make_inputs(t, inner, theta=1.0, seed=0, dtype=torch.float32):
 def check_against_reference(t, inner, reset, detach, decay, theta, alpha, seed, dtype=torch.float32):
     x, grad_s = make_inputs(t, inner, theta, seed, dtype)
     xr = x.clone().requires_grad_()
-    ref_s, ref_h, _ = reference_lif(xr, decay, theta, reset, alpha, detach)
+    ref_s, ref_h, _ = lif_reference(xr, decay, theta, reset, alpha, detach)
     ref_s.backward(grad_s)
     xk = x.clone().requires_grad_()
     s = lif_multistep_cpu(xk, decay, theta, reset, alpha, detach)
@@ -163,7 +163,7 @@ def test_sigmoid_slope_accuracy():
 
 def test_saves_only_x_and_layouts():
     x, grad_s = make_inputs(4, [3, 33], seed=7)
-    ref_s = reference_lif(x, 0.5, 1.0, "hard", 4.0, False)[0]
+    ref_s = lif_reference(x, 0.5, 1.0, "hard", 4.0, False)[0]
     with torch.no_grad():
         assert torch.equal(lif_multistep_cpu(x.clone().requires_grad_(), 0.5, 1.0, "hard", 4.0, False), ref_s)
     saved = []
@@ -181,7 +181,7 @@ def test_saves_only_x_and_layouts():
     xr = x.clone().requires_grad_()
     lif_multistep_cpu(xr, 0.5, 1.0, "soft", 4.0, False).sum().backward()  # stride-0 gradient
     xe = x.clone().requires_grad_()
-    reference_lif(xe, 0.5, 1.0, "soft", 4.0, False)[0].sum().backward()
+    lif_reference(xe, 0.5, 1.0, "soft", 4.0, False)[0].sum().backward()
     torch.testing.assert_close(xr.grad, xe.grad, rtol=0, atol=1e-5)
 
 

@@ -11,7 +11,7 @@ from torch.autograd.gradcheck import GradcheckError
 import fullrange.neuron as neuron_mod
 from fullrange.kernels.lif_cpu import cpu_kernel_available
 from fullrange.neuron import LIF, lif, lif_membrane, lif_multistep, resolve_backend
-from lif_reference import reference_lif
+from fullrange.neuron import lif_reference
 
 needs_numba = pytest.mark.skipif(not cpu_kernel_available(), reason="numba is not importable")
 CPU_BACKENDS = ["torch", pytest.param("cpu", marks=needs_numba)]
@@ -34,7 +34,7 @@ def test_matches_reference(reset, detach, T, decay, theta, alpha, backend):
     x = make_input(T, seed=T).requires_grad_(True)
     grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
 
-    s_ref, h_ref, v_ref = reference_lif(x, decay, theta, reset, alpha, detach)
+    s_ref, h_ref, v_ref = lif_reference(x, decay, theta, reset, alpha, detach)
     (g_ref,) = torch.autograd.grad(s_ref, x, grad_out)
 
     s = lif(x, decay, theta, reset, alpha, detach, backend=backend)
@@ -152,7 +152,7 @@ def test_gradcheck_catches_a_wrong_formula(monkeypatch):
 def test_low_precision_integrates_in_fp32(dtype, reset):
     x = make_input(6, shape=(64, 32), seed=5).to(dtype)
     x32 = x.float()
-    s_ref, h_ref, _ = reference_lif(x32, 0.2, 1.0, reset, 4.0, False)
+    s_ref, h_ref, _ = lif_reference(x32, 0.2, 1.0, reset, 4.0, False)
     xr = x.clone().requires_grad_(True)
     s = lif_multistep(xr, 0.2, 1.0, reset, 4.0, False)
     assert s.dtype == dtype

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from fullrange.models import build_model
 from fullrange.models.official import convert_official, load_official
-from lif_reference import reference_lif
+from fullrange.neuron import lif_reference
 
 CIFAR_NEURON = {"decay": 0.5, "reset": "hard", "backend": "torch"}
 IMAGENET_NEURON = {"decay": 0.2, "reset": "soft", "backend": "torch"}
@@ -109,7 +109,7 @@ class Reference:
                             s[f"{name}.bias"], self.training, 0.1, 1e-5)
 
     def lif(self, x):
-        spikes, _, _ = reference_lif(x.reshape(self.T, -1, *x.shape[1:]), self.neuron["decay"], 1.0,
+        spikes, _, _ = lif_reference(x.reshape(self.T, -1, *x.shape[1:]), self.neuron["decay"], 1.0,
                                      self.neuron["reset"], 4.0, False)
         return spikes.reshape(x.shape)
 

@@ -1,5 +1,7 @@
 """slurm/: syntax (bash -n), shellcheck, and every script in DRY_RUN mode under a fake SLURM
-environment (a fake scontrol / sbatch on PATH): the printed per-node commands and the chain."""
+environment (a fake scontrol / sbatch on PATH): the printed per-node commands of multi-node jobs
+and the chain; launch_node.sh's exit 75 and pipeline.sh status against a fake scontrol.
+tests/test_slurm_cluster.py runs the scripts on a real (one-node) cluster."""
 import os
 import shlex
 import stat
@@ -11,7 +13,8 @@ import pytest
 
 from conftest import REPO
 
-SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + sorted((REPO / "slurm").glob("*.sbatch"))
+SCRIPTS = sorted((REPO / "slurm").glob("*.sh")) + sorted((REPO / "slurm").glob("*.sbatch")) + [
+    REPO / "scripts" / "slurm_local.sh"]
 SHELLCHECK = Path(sys.executable).with_name("shellcheck")
 ACC = str(REPO / ".venv" / "bin" / "accelerate")
 
@@ -60,9 +63,10 @@ def node_lines(done):
 
 
 def launch(nodes, gpus, rank, config="configs/accelerate/multi_node.yaml"):
+    # MAIN_PORT: 20000 + SLURM_JOB_ID (4242) % 10000
     return [ACC, "launch", "--config_file", config, "--num_machines", str(nodes), "--num_processes",
             str(nodes * gpus), "--machine_rank", str(rank), "--main_process_ip", "gpu-a01", "--main_process_port",
-            "29500", "--rdzv_backend", "static", "--same_network"]
+            "24242", "--rdzv_backend", "static", "--same_network"]
 
 
 def test_bash_syntax_and_shellcheck():
@@ -137,24 +141,92 @@ def test_cache_and_sweep_dry_run(fake_slurm):
                                                           "runs/sweep"]
     no_gpus = run_script("train.sbatch", fake_slurm, DRY_RUN="1", SLURM_JOB_NODELIST="gpu-a01", CONFIG="c.yaml")
     assert no_gpus.returncode == 2 and "GPUS_PER_NODE" in no_gpus.stderr
+    zero = run_script("train.sbatch", fake_slurm, DRY_RUN="1", SLURM_JOB_NODELIST="gpu-a01", CONFIG="c.yaml",
+                      SLURM_GPUS_PER_NODE="0")
+    assert zero.returncode == 2 and "got '0'" in zero.stderr
 
 
 def test_pipeline_chains_with_afterok(fake_slurm, tmp_path):
     grid = tmp_path / "grid.txt"
     grid.write_text("optim.lr=0.1\noptim.lr=0.2 name=fast\n")
-    env = dict(CONFIG="configs/fmnist.yaml", OVERRIDES_FILE=str(grid), OUT_DIR="runs/p", SBATCH_ARGS="--partition=gpu")
+    out = tmp_path / "p"
+    env = dict(CONFIG="configs/fmnist.yaml", OVERRIDES_FILE=str(grid), OUT_DIR=str(out), SBATCH_ARGS="--partition=gpu")
     dry = run_script("pipeline.sh", fake_slurm, DRY_RUN="1", **env)
     assert dry.returncode == 0, dry.stderr
     assert "--dependency=afterok:JOB1" in dry.stdout and "--dependency=afterok:JOB2" in dry.stdout
-    assert not fake_slurm["log"].exists()
+    assert not fake_slurm["log"].exists() and not out.exists()
     done = run_script("pipeline.sh", fake_slurm, **env)
     assert done.returncode == 0, done.stderr
     calls = fake_slurm["log"].read_text().splitlines()
     assert calls == [
         "sbatch --parsable --partition=gpu --nodes=1 slurm/cache_teacher.sbatch | CONFIG=configs/fmnist.yaml "
         "OVERRIDES= SWEEP_RUNS=",
-        "sbatch --parsable --partition=gpu --dependency=afterok:101 --nodes=1 --array=0-1 slurm/students.sbatch"
-        " | CONFIG=configs/fmnist.yaml OVERRIDES=out_dir=runs/p teacher.source=cache SWEEP_RUNS=",
-        "sbatch --parsable --partition=gpu --dependency=afterok:102 --nodes=1 slurm/sweep.sbatch | "
-        "CONFIG=configs/fmnist.yaml OVERRIDES= SWEEP_RUNS=runs/p/student_0 runs/p/fast",
+        "sbatch --parsable --partition=gpu --dependency=afterok:101 --kill-on-invalid-dep=yes --nodes=1 --array=0-1 "
+        f"slurm/students.sbatch | CONFIG=configs/fmnist.yaml OVERRIDES=out_dir={out} teacher.source=cache SWEEP_RUNS=",
+        "sbatch --parsable --partition=gpu --dependency=afterok:102 --kill-on-invalid-dep=yes --nodes=1 "
+        f"slurm/sweep.sbatch | CONFIG=configs/fmnist.yaml OVERRIDES= SWEEP_RUNS={out}/student_0 {out}/fast",
     ]
+    assert (out / "pipeline.jobs").read_text() == "cache 101\nstudents 102\nsweep 103\n"
+
+
+def test_launch_node_turns_a_preempted_run_into_exit_75(tmp_path):
+    """accelerate exits 1 for any failing rank; with the main process's requeue file the node exits 75."""
+    fake = tmp_path / "accelerate"
+    fake.write_text("#!/usr/bin/env bash\necho \"signals: $PET_SIGNALS_TO_HANDLE\"\n"
+                    "[ -n \"${WRITE:-}\" ] && echo '{}' > \"$FULLRANGE_REQUEUE_FILE\"\nexit \"$RC\"\n")
+    fake.chmod(0o755)
+    requeue = tmp_path / "rq.json"
+    env = {**os.environ, "NNODES": "1", "GPUS_PER_NODE": "1", "MAIN_ADDR": "h", "MAIN_PORT": "1", "SLURM_NODEID": "0",
+           "ACCELERATE": str(fake), "ACCELERATE_CONFIG": "c.yaml", "FULLRANGE_REQUEUE_FILE": str(requeue)}
+
+    def node(**extra):
+        return subprocess.run(["bash", str(REPO / "slurm" / "launch_node.sh"), "x.py"], env={**env, **extra},
+                              capture_output=True, text=True, timeout=60)
+
+    preempted = node(RC="1", WRITE="1")
+    assert preempted.returncode == 75 and "preempted, exit 75" in preempted.stderr
+    assert "signals: SIGINT,SIGHUP,SIGQUIT" in preempted.stdout  # torch's agent leaves SIGTERM alone
+    requeue.unlink()
+    assert node(RC="1").returncode == 1 and node(RC="0").returncode == 0
+
+
+def test_pipeline_status_names_the_failed_job(fake_slurm, tmp_path):
+    out = tmp_path / "p"
+    out.mkdir()
+    (out / "pipeline.jobs").write_text("cache 101\nstudents 102\nsweep 103\n")
+    log = tmp_path / "s_1.out"
+    log.write_text("[rank0]: noise\nfullrange: config key optim.lr: expected float, got 'abc' (str)\nTraceback\n")
+    states = tmp_path / "states"
+    (fake_slurm["bin"] / "scontrol").write_text(f"""#!/usr/bin/env bash
+[ "$1 $2 $3" = "show job -o" ] || exit 1
+grep "^JobId=$4 \\|ArrayJobId=$4 " {states}
+""")
+
+    def status(*lines, out_dir=out):
+        states.write_text("".join(line + "\n" for line in lines))
+        env = {**os.environ, "PATH": f"{fake_slurm['bin']}:{os.environ['PATH']}", "OUT_DIR": str(out_dir)}
+        return subprocess.run(["bash", str(REPO / "slurm" / "pipeline.sh"), "status"], cwd=REPO, env=env, text=True,
+                              capture_output=True, timeout=60)
+
+    cache = "JobId=101 JobName=fullrange-cache JobState=COMPLETED Reason=None ExitCode=0:0 StdOut=/x"
+    task = "JobId={} ArrayJobId=102 ArrayTaskId={} JobState={} Reason={} ExitCode={} StdOut={}"
+    done = status(cache, task.format(104, 1, "COMPLETED", "None", "0:0", "/x"),
+                  task.format(102, 0, "COMPLETED", "None", "0:0", "/x"),
+                  "JobId=103 JobState=COMPLETED Reason=None ExitCode=0:0 StdOut=/x")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert [line.split()[:3] for line in done.stdout.splitlines()[:4]] == [
+        ["cache", "101", "COMPLETED"], ["students", "102_0", "COMPLETED"], ["students", "102_1", "COMPLETED"],
+        ["sweep", "103", "COMPLETED"]]
+    assert done.stdout.splitlines()[-1] == "pipeline: COMPLETED"
+    running = status(cache, task.format(102, "0-1", "RUNNING", "None", "0:0", "/x"),
+                     "JobId=103 JobState=PENDING Reason=Dependency ExitCode=0:0 StdOut=/x")
+    assert running.returncode == 3 and running.stdout.splitlines()[-1] == "pipeline: running"
+    failed = status(cache, task.format(104, 1, "FAILED", "NonZeroExitCode", "1:0", log),
+                    task.format(102, 0, "COMPLETED", "None", "0:0", "/x"),
+                    "JobId=103 JobState=CANCELLED Reason=DependencyNeverSatisfied ExitCode=0:0 StdOut=/x")
+    assert failed.returncode == 1
+    lines = failed.stdout.splitlines()
+    assert lines[-1] == "pipeline: FAILED: students 102_1"
+    assert lines[2].startswith("students  102_1   FAILED     exit 1:0   NonZeroExitCode  log ")
+    assert lines[2].endswith(": fullrange: config key optim.lr: expected float, got 'abc' (str)")
+    assert status(out_dir=tmp_path / "none").returncode == 2

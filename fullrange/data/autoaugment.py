@@ -83,7 +83,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .augment import _below, hash_words
+from .hashing import draws
 
 AUTOAUGMENT_VERSION = "cifar10policy-splitmix64-v1"
 CUTOUT_VERSION = "cutout-splitmix64-v1"
@@ -177,25 +177,21 @@ _ENTRY_ARGS = torch.tensor([arg for _, arg in _ENTRIES], dtype=torch.float64)
 _APPLY_TENTHS = torch.tensor([[round(10 * p) for _, p, _ in row] for row in CIFAR10_POLICY])
 
 
-def draw_policy(seed: int, epoch: int, indices: torch.Tensor) -> PolicyDraw:
-    """Each sample's sub-policy, op switches and signs. indices: int64 [B] sample indices.
-    Returns a PolicyDraw on the device of `indices`; row k depends on (seed, epoch,
-    indices[k]) only."""
-    indices = torch.as_tensor(indices)
-    words = hash_words(seed, epoch, indices, (_POLICY_WORD, *_APPLY_WORDS, *_NEGATE_WORDS))
-    policy = _below(words[0], len(CIFAR10_POLICY))
-    tenths = _APPLY_TENTHS.to(indices.device)[policy]
-    applied = torch.stack([_below(w, 10) for w in words[1:3]], 1) < tenths
-    negative = torch.stack([w < 0 for w in words[3:5]], 1)
-    return PolicyDraw(policy, applied, negative)
+def draw_policy(seed: int, epoch: int, indices) -> PolicyDraw:
+    """Each sample's sub-policy, op switches and signs. indices: int [B] sample indices on the
+    CPU. Returns a PolicyDraw on the CPU; row k depends on (seed, epoch, indices[k]) only."""
+    d = draws(seed, epoch, indices, (_POLICY_WORD, *_APPLY_WORDS, *_NEGATE_WORDS),
+              (len(CIFAR10_POLICY), 10, 10, 2, 2))
+    policy = d[0]
+    applied = d[1:3].T < _APPLY_TENTHS[policy]
+    return PolicyDraw(policy, applied, d[3:5].T.bool())
 
 
-def autoaugment(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+def autoaugment(images: torch.Tensor, indices, seed: int, epoch: int) -> torch.Tensor:
     """CIFAR10Policy on each image with its hashed draw.
 
-    images: uint8 [B, C, H, W], C = 1 or 3, on the CPU or a CUDA device. indices: int64 [B]
-    sample indices. Returns a new uint8 [B, C, H, W] on the same device."""
-    indices = torch.as_tensor(indices).to(images.device)
+    images: uint8 [B, C, H, W], C = 1 or 3, on the CPU or a CUDA device. indices: int [B]
+    sample indices on the CPU. Returns a new uint8 [B, C, H, W] on images' device."""
     return apply_policy(images, draw_policy(seed, epoch, indices))
 
 
@@ -420,40 +416,37 @@ _ENTRY_OP_IDS = torch.tensor([_OP_NAMES.index(op) for op, _ in _ENTRIES])
 
 # ---- Cutout ----
 
-def cutout_centres(seed: int, epoch: int, indices: torch.Tensor, height: int, width: int):
-    """Hole centres: (cy int64 [B] in [0, height), cx int64 [B] in [0, width)), on the device
-    of `indices` (int64 [B])."""
-    indices = torch.as_tensor(indices)
-    wy, wx = hash_words(seed, epoch, indices, _CUTOUT_WORDS)
-    return _below(wy, height), _below(wx, width)
+def cutout_centres(seed: int, epoch: int, indices, height: int, width: int):
+    """Hole centres: (cy int64 [B] in [0, height), cx int64 [B] in [0, width)) on the CPU, for
+    indices int [B] on the CPU."""
+    cy, cx = draws(seed, epoch, indices, _CUTOUT_WORDS, (height, width))
+    return cy, cx
 
 
-def cutout_mask(seed: int, epoch: int, indices: torch.Tensor, height: int, width: int,
-                length: int = 16) -> torch.Tensor:
-    """bool [B, H, W], True inside each sample's hole: rows [cy - length//2, cy + length//2)
-    and the same columns around cx, clipped to the image."""
+def cutout_mask(seed: int, epoch: int, indices, height: int, width: int, length: int = 16,
+                device: torch.device | str = "cpu") -> torch.Tensor:
+    """bool [B, H, W] on `device`, True inside each sample's hole: rows [cy - length//2,
+    cy + length//2) and the same columns around cx, clipped to the image."""
     if length < 0:
         raise ValueError(f"cutout length must be >= 0, got {length}")
-    cy, cx = cutout_centres(seed, epoch, indices, height, width)
+    cy, cx = (t.to(device, non_blocking=True) for t in cutout_centres(seed, epoch, indices, height, width))
     half = length // 2
-    rows = torch.arange(height, device=cy.device)
-    cols = torch.arange(width, device=cy.device)
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
     in_rows = (rows >= cy[:, None] - half) & (rows < cy[:, None] + half)
     in_cols = (cols >= cx[:, None] - half) & (cols < cx[:, None] + half)
     return in_rows[:, :, None] & in_cols[:, None, :]
 
 
-def cutout(images: torch.Tensor, indices: torch.Tensor, seed: int, epoch: int,
-           length: int = 16) -> torch.Tensor:
+def cutout(images: torch.Tensor, indices, seed: int, epoch: int, length: int = 16) -> torch.Tensor:
     """Zero one hashed length x length hole per image (all channels).
 
     images: [B, C, H, W] of any dtype, any device; call it on the uint8 batch before
-    normalisation to reproduce the official recipe (hole = black). indices: int64 [B].
+    normalisation to reproduce the official recipe (hole = black). indices: int [B] on the CPU.
     Returns a new tensor of the same shape, dtype and device."""
     if images.ndim != 4:
         raise ValueError(f"images must be [B, C, H, W], got shape {tuple(images.shape)}")
-    indices = torch.as_tensor(indices).to(images.device)
-    if indices.shape != images.shape[:1]:
-        raise ValueError(f"indices must be [B={images.shape[0]}], got {tuple(indices.shape)}")
-    hole = cutout_mask(seed, epoch, indices, images.shape[2], images.shape[3], length)
+    if tuple(torch.as_tensor(indices).shape) != tuple(images.shape[:1]):
+        raise ValueError(f"indices must be [B={images.shape[0]}], got {tuple(torch.as_tensor(indices).shape)}")
+    hole = cutout_mask(seed, epoch, indices, images.shape[2], images.shape[3], length, images.device)
     return images.masked_fill(hole[:, None], 0)

@@ -28,7 +28,7 @@ class BatchPreparer:
         each sample is a function of (seed, batch.view, index) only."""
         images, spec = batch.images, self.spec
         if self.augment and (spec.pad or spec.flip):
-            images = pad_crop_flip(images, batch.indices, spec.seed, batch.view, spec.pad, spec.flip)
+            images = pad_crop_flip(images, batch.host_indices, spec.seed, batch.view, spec.pad, spec.flip)
         return self._finish(images), batch.labels
 
     def eval(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,9 +29,10 @@ from numba.extending import intrinsic
 from ffcv.pipeline.allocation_query import AllocationQuery
 from ffcv.pipeline.operation import Operation
 
+from .hashing import view_key
 from .resample import RESAMPLE_VERSION, resize_crop_into
 from .views import (DEFAULT_CROP_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, RRC_VERSION, center_one,
-                    check_scale_ratio, rrc_one, view_key)
+                    check_scale_ratio, rrc_one)
 
 RGB_FIELDS = ("mode", "width", "height", "data_ptr")
 MODE_JPG = 0  # RGBImageField's storage modes

@@ -46,6 +46,7 @@ import numpy as np
 
 from fullrange.atomic import write_text_atomic
 
+from .hashing import mix, u64
 from .writer import (FIELDS, SIDECAR_FORMAT, _tmp_name, read_sidecar,
                      sidecar_path)
 
@@ -59,13 +60,6 @@ IMAGENET_STD = [0.229 * 255, 0.224 * 255, 0.225 * 255]
 STATS = ("imagenet", "computed")
 _DIGEST = 16  # bytes of BLAKE2b per source file
 DEAD_WRITER_GRACE_S = 5.0  # no writer process alive this long, write unfinished: it failed
-
-
-def _splitmix32(i: int) -> int:
-    z = (i + 0x9E3779B97F4A7C15) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
-    return (z ^ (z >> 31)) >> 32
 
 
 def list_classes(train_dir: Path) -> list[str]:
@@ -144,7 +138,7 @@ class _FolderRows:
                 self.sums[6] += len(x)
         # RGBImageField(write_mode='proportion') draws np.random.rand() right after this call,
         # in this process: seeding from the index makes the JPEG/raw choice reproducible.
-        np.random.seed(_splitmix32(i))
+        np.random.seed(int(mix(u64(i)) >> np.uint64(32)))
         with self.done.get_lock():
             self.done.value += 1
         return img, int(self.labels[i]), int(i)

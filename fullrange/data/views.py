@@ -1,18 +1,15 @@
 """Replayable views of RGB images of any size: RandomResizedCrop + flip, and the centre crop.
 
-Every random choice is a pure function of (seed, epoch, sample index), drawn from the same
-splitmix64 counter hash as :mod:`fullrange.data.augment` (AUGMENT_VERSION "splitmix64-v1"), so
+Every random choice is a pure function of (seed, epoch, sample index), drawn from the
+splitmix64 counter hash of :mod:`fullrange.data.hashing`, so
 a view is the same for the same triple whatever the batch size, loader worker count, world
 size or process. The teacher cache, the tests and the FFCV decoder
 (:mod:`fullrange.data.decoders`) all call the numba-compiled functions below, so there is one
 implementation of the draw.
 
 Random-resized-crop recipe (RRC_VERSION "rrc-splitmix64-v1"), all integers uint64 mod 2**64:
-    key          = mix(mix(mix(seed) ^ epoch) ^ index)          (as in augment.py)
-    word(k)      = mix(key ^ k)
-    unit(word)   = (word >> 11) * 2**-53                         (a double in [0, 1))
-    below(w, n)  = ((w >> 32) * n) >> 32                         (in [0, n))
-    flip         = word(2) >> 63                                 (augment.py's flip bit)
+    key, word(k), unit, below   as in fullrange.data.hashing
+    flip         = word(2) >> 63                                 (pad_crop_flip's flip bit)
     attempt a = 0..9, b = 8 + 4a:
         area   = H * W * (scale_min + (scale_max - scale_min) * unit(word(b)))
         aspect = exp(log r_min + (log r_max - log r_min) * unit(word(b + 1)))
@@ -42,67 +39,35 @@ import math
 import numpy as np
 from numba import njit
 
+from .hashing import below, mix, u64, unit, view_key
+
 RRC_VERSION = "rrc-splitmix64-v1"
 DEFAULT_SCALE = (0.08, 1.0)
 DEFAULT_RATIO = (3.0 / 4.0, 4.0 / 3.0)
 DEFAULT_CROP_RATIO = 224.0 / 256.0
 RRC_ATTEMPTS = 10
 
-_M64 = (1 << 64) - 1
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-_C1 = np.uint64(0xBF58476D1CE4E5B9)
-_C2 = np.uint64(0x94D049BB133111EB)
 _U2 = np.uint64(2)
 _U8 = np.uint64(8)
-_U11 = np.uint64(11)
-_U27 = np.uint64(27)
-_U30 = np.uint64(30)
-_U31 = np.uint64(31)
-_U32 = np.uint64(32)
 _U63 = np.uint64(63)
-_INV53 = 1.0 / 9007199254740992.0  # 2**-53
-
-
-@njit(cache=True, nogil=True)
-def _mix(z):
-    z = z + _GOLDEN
-    z = (z ^ (z >> _U30)) * _C1
-    z = (z ^ (z >> _U27)) * _C2
-    return z ^ (z >> _U31)
-
-
-@njit(cache=True, nogil=True)
-def view_key(seed, epoch, index):
-    """The per-sample hash key; seed, epoch, index are uint64 (the bits of the Python ints)."""
-    return _mix(_mix(_mix(seed) ^ epoch) ^ index)
-
-
-@njit(cache=True, nogil=True)
-def _unit(word):
-    return np.float64(word >> _U11) * _INV53
-
-
-@njit(cache=True, nogil=True)
-def _below(word, n):
-    return np.int64(((word >> _U32) * np.uint64(n)) >> _U32)
 
 
 @njit(cache=True, nogil=True)
 def rrc_one(key, height, width, scale_min, scale_max, ratio_min, ratio_max):
     """(top, left, h, w, flip) of one sample's random resized crop; key from view_key()."""
-    flip = (_mix(key ^ _U2) >> _U63) == np.uint64(1)
+    flip = (mix(key ^ _U2) >> _U63) == np.uint64(1)
     area = np.float64(height) * np.float64(width)
     log_lo = math.log(ratio_min)
     log_hi = math.log(ratio_max)
     for a in range(RRC_ATTEMPTS):
         b = _U8 + np.uint64(4 * a)
-        target = area * (scale_min + (scale_max - scale_min) * _unit(_mix(key ^ b)))
-        aspect = math.exp(log_lo + (log_hi - log_lo) * _unit(_mix(key ^ (b + np.uint64(1)))))
+        target = area * (scale_min + (scale_max - scale_min) * unit(mix(key ^ b)))
+        aspect = math.exp(log_lo + (log_hi - log_lo) * unit(mix(key ^ (b + np.uint64(1)))))
         w = np.int64(math.floor(math.sqrt(target * aspect) + 0.5))
         h = np.int64(math.floor(math.sqrt(target / aspect) + 0.5))
         if 0 < w <= width and 0 < h <= height:
-            top = _below(_mix(key ^ (b + np.uint64(2))), height - h + 1)
-            left = _below(_mix(key ^ (b + np.uint64(3))), width - w + 1)
+            top = below(mix(key ^ (b + np.uint64(2))), height - h + 1)
+            left = below(mix(key ^ (b + np.uint64(3))), width - w + 1)
             return top, left, h, w, flip
     in_ratio = np.float64(width) / np.float64(height)
     if in_ratio < ratio_min:
@@ -141,10 +106,6 @@ def _rrc_batch(seed, epoch, indices, heights, widths, scale_min, scale_max, rati
         out[k, 4] = 1 if flip else 0
 
 
-def _u64(v: int) -> np.uint64:
-    return np.uint64(int(v) & _M64)
-
-
 def check_scale_ratio(scale, ratio) -> tuple[tuple[float, float], tuple[float, float]]:
     """Validate RandomResizedCrop's scale and ratio ranges; return them as float pairs."""
     s0, s1 = (float(v) for v in scale)
@@ -172,7 +133,7 @@ def rrc_view_params(seed: int, epoch: int, indices, height, width, scale=DEFAULT
     if (hs < 1).any() or (ws < 1).any():
         raise ValueError("rrc_view_params: image heights and widths must be >= 1")
     out = np.empty((len(idx), 5), np.int64)
-    _rrc_batch(_u64(seed), _u64(epoch), idx, np.ascontiguousarray(hs), np.ascontiguousarray(ws),
+    _rrc_batch(u64(seed), u64(epoch), idx, np.ascontiguousarray(hs), np.ascontiguousarray(ws),
                s0, s1, r0, r1, out)
     return out[:, 0], out[:, 1], out[:, 2], out[:, 3], out[:, 4].astype(bool)
 
