@@ -17,8 +17,13 @@
 #   SBATCH        the sbatch executable (default sbatch); SBATCH_ARGS extra flags for every job
 #                 (e.g. "--partition=gpu --account=me")
 #   DRY_RUN=1     print the sbatch commands (with placeholder job ids) instead of submitting
+# The job ids go to OUT_DIR/pipeline.jobs; a job that depends on a failed one is cancelled
+# (--kill-on-invalid-dep=yes) instead of waiting forever. Progress and which job failed:
+#   OUT_DIR=runs/pipeline slurm/pipeline.sh status      (see slurm/pipeline_status.sh)
 set -euo pipefail
 cd "${FULLRANGE_ROOT:-$(dirname "$0")/..}"
+[ "${1:-}" = status ] && exec bash slurm/pipeline_status.sh
+[ $# -eq 0 ] || { echo "slurm/pipeline.sh: unknown argument '$1' (usage: slurm/pipeline.sh [status])" >&2; exit 2; }
 CONFIG="${CONFIG:-}"
 OVERRIDES_FILE="${OVERRIDES_FILE:-}"
 [ -n "$CONFIG" ] || { echo "slurm/pipeline.sh: CONFIG is not set" >&2; exit 2; }
@@ -47,11 +52,15 @@ for k in "${!lines[@]}"; do
     runs+=("$OUT_DIR/$name")
 done
 
-# submit ENV_ASSIGNMENT... -- SBATCH_FLAG...: submit (or print) one job; its id goes to JOB_ID.
+# submit ROLE ENV_ASSIGNMENT... -- SBATCH_FLAG...: submit (or print) one job; its id goes to JOB_ID
+# and, with its role, to OUT_DIR/pipeline.jobs.
 submitted=0
 JOB_ID=""
+jobs_file="$OUT_DIR/pipeline.jobs"
+[ "$DRY_RUN" = 1 ] || { mkdir -p "$OUT_DIR" && : > "$jobs_file"; }
 submit() {
-    local envs=() flags=()
+    local role="$1" envs=() flags=()
+    shift
     while [ "$1" != -- ]; do envs+=("$1"); shift; done
     shift
     flags=("$@")
@@ -62,6 +71,7 @@ submit() {
     else
         JOB_ID="$(env "${envs[@]}" "$SBATCH" --parsable "${extra[@]}" "${flags[@]}")"
         JOB_ID="${JOB_ID%%;*}"  # --parsable prints "id" or "id;cluster"
+        echo "$role $JOB_ID" >> "$jobs_file"
         echo "submitted ${flags[-1]}: job $JOB_ID"
     fi
 }
@@ -69,14 +79,15 @@ submit() {
 after=()
 student_overrides="${OVERRIDES:+$OVERRIDES }out_dir=$OUT_DIR"
 if [ "$CACHE" = 1 ]; then
-    submit "CONFIG=$CONFIG" "OVERRIDES=$OVERRIDES" -- --nodes="$NODES_CACHE" slurm/cache_teacher.sbatch
-    after=(--dependency="afterok:$JOB_ID")
+    submit cache "CONFIG=$CONFIG" "OVERRIDES=$OVERRIDES" -- --nodes="$NODES_CACHE" slurm/cache_teacher.sbatch
+    after=(--dependency="afterok:$JOB_ID" --kill-on-invalid-dep=yes)
     student_overrides+=" teacher.source=cache"
 fi
 array="0-$((${#lines[@]} - 1))${MAX_PARALLEL:+%$MAX_PARALLEL}"
-submit "CONFIG=$CONFIG" "OVERRIDES=$student_overrides" "OVERRIDES_FILE=$OVERRIDES_FILE" \
+submit students "CONFIG=$CONFIG" "OVERRIDES=$student_overrides" "OVERRIDES_FILE=$OVERRIDES_FILE" \
     "NAME_PREFIX=$NAME_PREFIX" -- "${after[@]}" --nodes="$NODES_STUDENT" --array="$array" slurm/students.sbatch
 students_job="$JOB_ID"
-submit "SWEEP_RUNS=${runs[*]}" "SWEEP_ARGS=--out $OUT_DIR/sweep" -- \
-    --dependency="afterok:$students_job" --nodes="$NODES_SWEEP" slurm/sweep.sbatch
-echo "pipeline: ${#runs[@]} student run(s) in $OUT_DIR; sweep report $OUT_DIR/sweep.json after job $JOB_ID"
+submit sweep "SWEEP_RUNS=${runs[*]}" "SWEEP_ARGS=--out $OUT_DIR/sweep" -- \
+    --dependency="afterok:$students_job" --kill-on-invalid-dep=yes --nodes="$NODES_SWEEP" slurm/sweep.sbatch
+echo "pipeline: ${#runs[@]} student run(s) in $OUT_DIR; sweep report $OUT_DIR/sweep.json after job $JOB_ID;" \
+     "progress: OUT_DIR=$OUT_DIR slurm/pipeline.sh status"
