@@ -20,6 +20,8 @@ from pathlib import Path
 
 from accelerate import Accelerator
 
+from fullrange.atomic import write_text_atomic
+
 PREFIX = "epoch_"
 
 
@@ -56,7 +58,7 @@ class Checkpointer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             state = {"epoch": epoch, "step": step, **({"batch": batch} if batch else {})}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            write_text_atomic(tmp / "trainer_state.json", json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
             for old in self._published()[:-self.keep]:

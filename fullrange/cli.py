@@ -95,7 +95,7 @@ def cache_teacher_main(argv: list[str] | None = None, hooks=None) -> int:
     return _run_on_every_rank(args.config, args.overrides, work)
 
 
-def sweep_main(argv: list[str] | None = None) -> int:
+def _sweep_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="launcher/sweep.py",
         description="Deployment report from one forward pass per run: top-1/top-5, firing rates, synaptic "
@@ -113,69 +113,98 @@ def sweep_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--export", type=int, default=None, metavar="T'",
                         help="write RUN/export_T{T'}/ (model.pt + config.yaml with model.T = T') for each run "
                              "and exit; no evaluation")
-    args = parser.parse_args(argv)
-    if args.t_max is not None and args.t_max < 1:
-        return _fail(f"--t-max: expected an integer >= 1, got {args.t_max}")
-    if args.export is not None and args.export < 1:
-        return _fail(f"--export: expected an integer T' >= 1, got {args.export}")
-    from fullrange.deploy_stats import EXIT_THRESHOLDS
+    return parser
 
-    thresholds = EXIT_THRESHOLDS
-    if args.exit_thresholds is not None:
-        try:
-            thresholds = tuple(float(v) for v in args.exit_thresholds.split(","))
-        except ValueError:
-            thresholds = ()
-        if not thresholds or any(not (0.0 <= t < float("inf")) for t in thresholds):
-            return _fail(f"--exit-thresholds: expected comma-separated numbers >= 0, got {args.exit_thresholds!r}")
+
+def _sweep_input_error(args) -> str | None:
+    """What is wrong with the sweep's arguments or run directories (one line), or None."""
+    if args.t_max is not None and args.t_max < 1:
+        return f"--t-max: expected an integer >= 1, got {args.t_max}"
+    if args.export is not None and args.export < 1:
+        return f"--export: expected an integer T' >= 1, got {args.export}"
     for run in args.runs:
         for name in ("config.yaml", "model.pt"):
             if not (run / name).is_file():
-                return _fail(f"{run / name}: not found (expected a run directory written by launcher/train.py)")
-    if args.export is not None:
-        if os.environ.get("RANK", "0") != "0":
-            return 0
-        from fullrange.config import ConfigError
-        from fullrange.sweep import export_run
+                return f"{run / name}: not found (expected a run directory written by launcher/train.py)"
+    return None
 
-        try:
-            for run in args.runs:
-                out = export_run(run, args.export)
-                print(f"exported {run} for T'={args.export}: {out}/model.pt, {out}/config.yaml")
-        except (FileNotFoundError, ValueError, ConfigError) as e:
-            return _fail(str(e))
+
+def _thresholds(text: str | None) -> tuple[float, ...]:
+    """--exit-thresholds -> the thresholds; ValueError when they are not numbers >= 0."""
+    from fullrange.deploy_stats import EXIT_THRESHOLDS
+
+    if text is None:
+        return EXIT_THRESHOLDS
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or any(not (0.0 <= t < float("inf")) for t in values):
+        raise ValueError(f"--exit-thresholds: expected comma-separated numbers >= 0, got {text!r}")
+    return values
+
+
+def _export(runs: list[Path], T: int) -> int:
+    if os.environ.get("RANK", "0") != "0":
         return 0
+    from fullrange.config import ConfigError
+    from fullrange.sweep import export_run
+
+    try:
+        for run in runs:
+            out = export_run(run, T)
+            print(f"exported {run} for T'={T}: {out}/model.pt, {out}/config.yaml")
+    except (FileNotFoundError, ValueError, ConfigError) as e:
+        return _fail(str(e))
+    return 0
+
+
+def _report(args, thresholds) -> int:
+    """The sweep of every run on every rank; the main process writes and prints the reports."""
+    from fullrange.config import ConfigError
     from fullrange.report import plot_sweep, print_sweep, write_sweep_json, write_sweep_text
     from fullrange.runtime import make_accelerator, shutdown
     from fullrange.sweep import sweep_run
-
-    from fullrange.config import ConfigError
 
     try:
         acc = make_accelerator()
     except ConfigError as e:
         return _fail(str(e))
+    clean = False
     try:
         results = {}
         for run in args.runs:
             results[run.name] = sweep_run(run, args.t_max, acc, batch_size=args.batch_size, num_workers=args.workers,
                                           thresholds=thresholds)
             if acc.is_main_process:
-                write_sweep_json({run.name: results[run.name]}, run / "sweep.json")
-                plot_sweep({run.name: results[run.name]}, run / "sweep.png")
-                write_sweep_text({run.name: results[run.name]}, run / "sweep.txt")
+                for write, suffix in ((write_sweep_json, ".json"), (plot_sweep, ".png"), (write_sweep_text, ".txt")):
+                    write({run.name: results[run.name]}, run / f"sweep{suffix}")
         if acc.is_main_process:
             if len(results) > 1 or args.out is not None:
                 out = args.out or args.runs[0].parent / "sweep"
-                write_sweep_json(results, out.with_suffix(".json"))
-                plot_sweep(results, out.with_suffix(".png"))
-                write_sweep_text(results, out.with_suffix(".txt"))
+                for write, suffix in ((write_sweep_json, ".json"), (plot_sweep, ".png"), (write_sweep_text, ".txt")):
+                    write(results, out.with_suffix(suffix))
             print_sweep(results, layers=not args.no_layers)
-    except (FileNotFoundError, ValueError) as e:
+        clean = True
+    except (FileNotFoundError, ValueError, ConfigError) as e:
         return _fail(str(e))
     finally:
-        shutdown(acc)
+        shutdown(acc, barrier=clean)  # after an error a peer may never reach the barrier
     return 0
+
+
+def sweep_main(argv: list[str] | None = None) -> int:
+    args = _sweep_parser().parse_args(argv)
+    problem = _sweep_input_error(args)
+    if problem:
+        return _fail(problem)
+    try:
+        thresholds = _thresholds(args.exit_thresholds)
+    except ValueError as e:
+        return _fail(str(e))
+    if args.export is not None:
+        return _export(args.runs, args.export)
+    return _report(args, thresholds)
 
 
 def convert_official_main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from fullrange.atomic import write_text_atomic
+from fullrange.atomic import atomic_path, write_text_atomic
 
 
 def sweep_table(results: dict[str, dict], title: str = "top-1 accuracy (%) by deployment timestep T'") -> Table:
@@ -153,8 +153,6 @@ def plot_sweep(results: dict[str, dict], path: Path) -> None:
         if a.lines:
             a.legend()
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp)
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp)
     plt.close(fig)
-    tmp.replace(path)

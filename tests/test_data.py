@@ -110,7 +110,7 @@ def test_written_beton_reads_back_exactly(small_beton):
     assert torch.equal(i, torch.arange(300))
     assert torch.equal(x.permute(0, 2, 3, 1), torch.from_numpy(images))
     assert torch.equal(y, torch.from_numpy(labels))
-    assert not [p for p in path.parent.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_failed_write_keeps_existing_file(tmp_path, monkeypatch):

@@ -131,7 +131,7 @@ def test_writer_sidecar_reproducible_and_up_to_date(tree, tmp_path):
     assert meta["stored_jpeg"] == int((modes == 0).sum()) and 0 < meta["stored_jpeg"] < n
     assert meta["max_shape"][2] == 3 and max(meta["max_shape"][:2]) <= MAX_RES
     assert check_beton(out["train"])["fingerprint"] == meta["fingerprint"]
-    assert not [p for p in Path(out["train"]).parent.iterdir() if ".tmp-" in p.name]
+    assert not [p for p in Path(out["train"]).parent.iterdir() if p.name.endswith(".tmp")]
     # labels follow the sorted class directories
     _, y = _labels(out["val"])
     expect = [tree["classes"].index(f.parent.name) for f in tree["files"]["val"]]

@@ -29,6 +29,7 @@ same options is kept (up to date); a different one is an error unless overwrite=
 from __future__ import annotations
 
 import _thread
+import contextlib
 import hashlib
 import io
 import json
@@ -44,10 +45,10 @@ from pathlib import Path
 
 import numpy as np
 
-from fullrange.atomic import write_text_atomic
+from fullrange.atomic import atomic_path, write_text_atomic
 
 from .hashing import mix, u64
-from .writer import (FIELDS, SIDECAR_FORMAT, _tmp_name, read_sidecar,
+from .writer import (FIELDS, SIDECAR_FORMAT, quiet_ffcv_writer, read_sidecar,
                      sidecar_path)
 
 log = logging.getLogger(__name__)
@@ -164,77 +165,75 @@ def _page_size(max_resolution: int) -> int:
     return max(1 << 21, 1 << (need - 1).bit_length())
 
 
-@contextmanager
-def _writer_watch(writer, rows: _FolderRows, total: int, description: str, show: bool):
-    """A rich progress bar fed by the rows' shared counter (FFCV's own tqdm bar is silenced),
-    and a watchdog: FFCV's writer waits forever for samples from a dead worker process, so when,
-    between the writer's first step (prepare, right before it starts its processes) and its
-    last (finalize: writing the metadata, which takes a while on ImageNet), no child process
-    has been alive for DEAD_WRITER_GRACE_S, the main thread is interrupted (turned into a
-    RuntimeError)."""
-    import ffcv.writer
-    from rich.console import Console
-    from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                               TimeElapsedColumn, TimeRemainingColumn)
+class _WriterWatchdog:
+    """Watches an FFCV DatasetWriter from a thread: feeds a progress bar from the rows' shared
+    counter, and interrupts the main thread (turned into a RuntimeError by _writer_watch) when,
+    between the writer's first step (prepare, right before it starts its processes) and its last
+    (finalize: writing the metadata, which takes a while on ImageNet), no child process has been
+    alive for DEAD_WRITER_GRACE_S: FFCV's writer waits forever for samples from a dead worker."""
 
-    stop = threading.Event()
-    started, finalizing = threading.Event(), threading.Event()
-    state = {"died": False}
-    prepare, finalize = writer.prepare, writer.finalize
+    def __init__(self, writer, rows: _FolderRows, progress, task):
+        self.rows, self.progress, self.task = rows, progress, task
+        self.stop, self.started, self.finalizing = threading.Event(), threading.Event(), threading.Event()
+        self.died = False
+        prepare, finalize = writer.prepare, writer.finalize
 
-    def prepare_flagged(*args, **kwargs):
-        out = prepare(*args, **kwargs)
-        started.set()
-        return out
+        def prepare_flagged(*args, **kwargs):
+            out = prepare(*args, **kwargs)
+            self.started.set()
+            return out
 
-    def finalize_flagged(*args, **kwargs):
-        finalizing.set()
-        return finalize(*args, **kwargs)
+        def finalize_flagged(*args, **kwargs):
+            self.finalizing.set()
+            return finalize(*args, **kwargs)
 
-    writer.prepare, writer.finalize = prepare_flagged, finalize_flagged  # this instance only
+        writer.prepare, writer.finalize = prepare_flagged, finalize_flagged  # this instance only
+        self.thread = threading.Thread(target=self._watch, daemon=True)
 
-    def watch(progress, task):
+    def _watch(self) -> None:
         gone_since = None
-        while not stop.wait(0.2):
-            if progress is not None:
-                progress.update(task, completed=rows.done.value)
+        while not self.stop.wait(0.2):
+            if self.progress is not None:
+                self.progress.update(self.task, completed=self.rows.done.value)
             alive = bool(multiprocessing.active_children())
-            if started.is_set() and not alive and not finalizing.is_set():
+            if self.started.is_set() and not alive and not self.finalizing.is_set():
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > DEAD_WRITER_GRACE_S:
-                    state["died"] = True
+                    self.died = True
                     _thread.interrupt_main()
                     return
             else:
                 gone_since = None
 
-    real_tqdm = ffcv.writer.tqdm
-    ffcv.writer.tqdm = lambda *a, **k: real_tqdm(*a, **{**k, "disable": True})
-    progress = None
-    if show:
-        progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(),
-                            console=Console(stderr=True))
+
+@contextmanager
+def _writer_watch(writer, rows: _FolderRows, total: int, description: str, show: bool):
+    """A rich progress bar for the writer (FFCV's own tqdm bar is silenced) and its watchdog."""
+    from rich.console import Console
+
+    from fullrange.progress import progress_bar
+
+    progress = progress_bar(Console(stderr=True), True) if show else None
     task = progress.add_task(description, total=total) if progress is not None else None
-    thread = threading.Thread(target=watch, args=(progress, task), daemon=True)
-    try:
-        if progress is not None:
-            progress.start()
-        thread.start()
+    watchdog = _WriterWatchdog(writer, rows, progress, task)
+    with quiet_ffcv_writer():
         try:
+            if progress is not None:
+                progress.start()
+            watchdog.thread.start()
             yield
         except KeyboardInterrupt:
-            if state["died"]:
+            if watchdog.died:
                 raise RuntimeError("an FFCV writer process died before finishing its samples "
                                    "(out of memory? see its traceback above)") from None
             raise
-    finally:
-        stop.set()
-        thread.join()
-        if progress is not None:
-            progress.update(task, completed=rows.done.value)
-            progress.stop()
-        ffcv.writer.tqdm = real_tqdm
+        finally:
+            watchdog.stop.set()
+            if watchdog.thread.is_alive():
+                watchdog.thread.join()
+            if progress is not None:
+                progress.update(task, completed=rows.done.value)
+                progress.stop()
 
 
 def _options(write_mode: str, max_resolution: int, jpeg_quality: int,
@@ -274,14 +273,60 @@ def _up_to_date(path: Path, source: Path, options: dict, classes: list[str], n: 
                      "another OUT_DIR")
 
 
+def _free_writer_memory(writer) -> None:
+    """FFCV's writer leaves its shared metadata memory behind when a write is aborted."""
+    sm = getattr(writer, "metadata_sm", None)
+    if sm is not None and not isinstance(sm, int):
+        with contextlib.suppress(OSError):  # already gone
+            sm.close()
+            sm.unlink()
+
+
+def _write_beton_file(path: Path, rows: "_FolderRows", fields: dict, options: dict, workers: int,
+                      description: str, progress: bool) -> tuple[list[int], int]:
+    """Write rows to path atomically; returns (max stored shape [H, W, 3], samples stored as JPEG).
+    ValueError (nothing written) when any image was unreadable."""
+    from ffcv.reader import Reader
+    from ffcv.writer import DatasetWriter
+
+    writer = None
+    try:
+        with atomic_path(path) as tmp:
+            writer = DatasetWriter(str(tmp), fields, page_size=_page_size(options["max_resolution"]),
+                                   num_workers=workers)
+            with _writer_watch(writer, rows, len(rows), description, progress):
+                writer.from_indexed_dataset(rows, chunksize=64)
+            errors = rows.errors()
+            if errors:
+                more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+                raise ValueError(f"{rows.root}: {len(errors)} unreadable image(s), nothing written "
+                                 f"to {path}: " + "; ".join(errors[:5]) + more)
+            reader = Reader(str(tmp))
+            meta_img = reader.metadata[f"f{list(reader.handlers).index('image')}"]
+    finally:
+        _free_writer_memory(writer)
+    return [int(meta_img["height"].max()), int(meta_img["width"].max()), 3], int((meta_img["mode"] == 0).sum())
+
+
+def _fingerprint(rows: "_FolderRows", files: list[str], labels: np.ndarray, options: dict,
+                 classes: list[str]) -> str:
+    """sha256 of the write options, the classes and, per sample, its path, label and BLAKE2b."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"image_format": IMAGE_FORMAT, "write_options": options,
+                         "classes": classes}, sort_keys=True).encode())
+    digests = bytes(rows.digests)
+    for i, (f, y) in enumerate(zip(files, labels.tolist())):
+        h.update(f"{f}\0{y}\0".encode())
+        h.update(digests[i * _DIGEST:(i + 1) * _DIGEST])
+    return h.hexdigest()
+
+
 def write_imagefolder_split(src_split: Path, path: Path, classes: list[str], options: dict,
                             mean=None, std=None, num_workers: int = 1, split: str = "",
                             progress: bool = True) -> dict:
     """Write one split (see module docstring); mean/std None = compute them from this split.
     Returns the sidecar dict."""
     from ffcv.fields import IntField, RGBImageField
-    from ffcv.reader import Reader
-    from ffcv.writer import DatasetWriter
 
     files, labels = scan_split(src_split, classes)
     errors_dir = tempfile.mkdtemp(prefix="fullrange-write-")
@@ -291,49 +336,15 @@ def write_imagefolder_split(src_split: Path, path: Path, classes: list[str], opt
                                      jpeg_quality=options["jpeg_quality"],
                                      compress_probability=options["compress_probability"]),
               "label": IntField(), "index": IntField()}
-    workers = max(1, min(int(num_workers), len(files)))
-    tmp = _tmp_name(path)
-    writer = None
     try:
-        writer = DatasetWriter(str(tmp), fields, page_size=_page_size(options["max_resolution"]),
-                               num_workers=workers)
-        with _writer_watch(writer, rows, len(files), f"{split or path.stem}: {src_split}",
-                           progress):
-            writer.from_indexed_dataset(rows, chunksize=64)
-        errors = rows.errors()
-        if errors:
-            more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
-            raise ValueError(f"{src_split}: {len(errors)} unreadable image(s), nothing written "
-                             f"to {path}: " + "; ".join(errors[:5]) + more)
-        reader = Reader(str(tmp))
-        meta_img = reader.metadata[f"f{list(reader.handlers).index('image')}"]
-        max_shape = [int(meta_img["height"].max()), int(meta_img["width"].max()), 3]
-        stored_jpeg = int((meta_img["mode"] == 0).sum())
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        max_shape, stored_jpeg = _write_beton_file(path, rows, fields, options, max(1, min(int(num_workers), len(files))),
+                                                   f"{split or path.stem}: {src_split}", progress)
     finally:
-        tmp.unlink(missing_ok=True)
         shutil.rmtree(errors_dir, ignore_errors=True)
-        sm = getattr(writer, "metadata_sm", None)
-        if sm is not None and not isinstance(sm, int):  # left behind when a write is aborted
-            try:
-                sm.close()
-                sm.unlink()
-            except (FileNotFoundError, OSError):
-                pass
-
     stats_from = "imagenet"
     if mean is None:
         mean, std = rows.stats()
         stats_from = "computed"
-    h = hashlib.sha256()
-    h.update(json.dumps({"image_format": IMAGE_FORMAT, "write_options": options,
-                         "classes": classes}, sort_keys=True).encode())
-    digests = bytes(rows.digests)
-    for i, (f, y) in enumerate(zip(files, labels.tolist())):
-        h.update(f"{f}\0{y}\0".encode())
-        h.update(digests[i * _DIGEST:(i + 1) * _DIGEST])
     meta = {"format": SIDECAR_FORMAT, "image_format": IMAGE_FORMAT, "name": "imagefolder",
             "source": str(src_split), "split": split, "num_samples": len(files),
             "shape": [None, None, 3], "max_shape": max_shape, "num_classes": len(classes),
@@ -342,7 +353,7 @@ def write_imagefolder_split(src_split: Path, path: Path, classes: list[str], opt
             "mean": [float(m) for m in mean], "std": [float(s) for s in std],
             "stats_units": "pixels 0..255", "stats_from": stats_from,
             "write_options": options, "stored_jpeg": stored_jpeg,
-            "fingerprint": h.hexdigest(),
+            "fingerprint": _fingerprint(rows, files, labels, options, classes),
             "fingerprint_of": "write options, classes, per sample: path, label, BLAKE2b-128 "
                               "of the source file",
             "beton_bytes": path.stat().st_size, "fields": list(FIELDS)}

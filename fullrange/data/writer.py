@@ -16,16 +16,16 @@ half-written beton, and an interrupted write leaves nothing under the final name
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
-import uuid
 from pathlib import Path
 
 import numpy as np
 
-from fullrange.atomic import write_text_atomic
+from fullrange.atomic import atomic_path, write_text_atomic
 
 log = logging.getLogger(__name__)
 
@@ -77,8 +77,17 @@ class _Rows:
         return self.images[i], int(self.labels[i]), int(i)
 
 
-def _tmp_name(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+@contextlib.contextmanager
+def quiet_ffcv_writer():
+    """Silence the tqdm bars of FFCV's DatasetWriter (fullrange shows rich progress instead)."""
+    import ffcv.writer
+
+    real_tqdm = ffcv.writer.tqdm
+    ffcv.writer.tqdm = lambda *a, **k: real_tqdm(*a, **{**k, "disable": True})
+    try:
+        yield
+    finally:
+        ffcv.writer.tqdm = real_tqdm
 
 
 def write_beton(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray, *,
@@ -125,15 +134,10 @@ def write_beton(path: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
     page = max(_MIN_PAGE, 1 << (sample_bytes - 1).bit_length())
     fields = {"image": NDArrayField(np.dtype(np.uint8), tuple(images.shape[1:])),
               "label": IntField(), "index": IntField()}
-    tmp = _tmp_name(path)
-    try:
+    with atomic_path(path) as tmp:
         writer = DatasetWriter(str(tmp), fields, page_size=page, num_workers=max(1, num_workers))
-        writer.from_indexed_dataset(_Rows(images, labels), chunksize=1000)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+        with quiet_ffcv_writer():
+            writer.from_indexed_dataset(_Rows(images, labels), chunksize=1000)
 
     meta = {"format": SIDECAR_FORMAT, "image_format": "raw", "name": name, "source": source,
             "split": split,

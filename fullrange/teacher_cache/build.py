@@ -13,7 +13,6 @@ exit 75 with finished shards kept, as in fullrange.preemption). The manifest is 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -23,7 +22,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from rich.console import Console
 
-from fullrange.atomic import write_text_atomic
+from fullrange.atomic import atomic_path, write_text_atomic
 from fullrange.config import ConfigError, RunConfig
 from fullrange.data import BatchPreparer, ViewSpec, check_beton, device_batches, view_loader
 from fullrange.preemption import EXIT_REQUEUE, Preempted, StopCheck, StopSignals, write_requeue_file
@@ -38,15 +37,8 @@ from .records import compress_logits, record_dtype, to_records
 
 def _write_shard(path: Path, records: np.ndarray) -> None:
     """records -> path (.npy) via a temporary name, then its sha256 beside it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            np.save(f, records)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        np.save(f, records)
     write_text_atomic(path.with_suffix(".sha256"), file_sha256(path) + "\n")
 
 
