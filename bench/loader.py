@@ -23,7 +23,7 @@ of a shared machine hits all of them alike. The last column is each pipeline's t
 divided by the DataLoader + PIL one.
 
 Without --data, --images JPEGs of ImageNet-like size (500 x 375, quality 90) are cut from the
-photos that ship with scikit-learn / scikit-image (fullrange.data.photos) into a temp dir.
+photos that ship with scikit-learn / scikit-image (tests/photos.py) into a temp dir.
 """
 from __future__ import annotations
 
@@ -82,7 +82,8 @@ class PilRRC(torch.utils.data.Dataset):
 
 
 def build_tree(root: Path, images: int) -> Path:
-    from fullrange.data.photos import bundled_photos, write_photo_tree
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from photos import bundled_photos, write_photo_tree  # the test suite's photo trees
 
     per_class = -(-images // len(bundled_photos()))
     write_photo_tree(root, {"train": per_class, "val": 1}, min_side=200, max_side=640,

@@ -17,90 +17,99 @@ from typing import Any
 import yaml
 
 from fullrange.atomic import write_text_atomic
+from fullrange.losses import LOSS_KINDS, NEEDS_TEACHER, SD_TARGETS
+from fullrange.neuron import BACKENDS, RESETS
+from fullrange.targets import SOURCES
 
 
 class ConfigError(ValueError):
     """A config file, key or value is wrong; the message names it and what was expected."""
 
 
+def rule(default, *, choices: tuple | None = None, gt: float | None = None, ge: float | None = None,
+         le: float | None = None):
+    """A config field with its rule: one of `choices`, or a number > gt / >= ge / <= le."""
+    return field(default=default, metadata={"choices": choices, "gt": gt, "ge": ge, "le": le})
+
+
 @dataclass
 class ModelConfig:
-    name: str = "spiking_resnet_tiny"
-    T: int = 4                      # training timesteps (students); ignored for ANN teachers
-    num_classes: int = 10
-    in_channels: int = 1
-    sync_bn: bool = False           # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
+    name: str = "spiking_resnet_tiny"                # a registered model (fullrange.models.MODEL_NAMES)
+    T: int = rule(4, gt=0)                           # training timesteps (students); ignored for ANN teachers
+    num_classes: int = rule(10, gt=0)
+    in_channels: int = rule(1, gt=0)
+    sync_bn: bool = False                            # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
 
 
 @dataclass
 class NeuronConfig:
-    decay: float = 0.5              # lambda: membrane decay
-    threshold: float = 1.0
-    reset: str = "hard"             # hard | soft
-    surrogate_alpha: float = 4.0    # slope of the sigmoid surrogate
+    decay: float = rule(0.5, ge=0, le=1)             # lambda: membrane decay
+    threshold: float = rule(1.0, gt=0)
+    reset: str = rule("hard", choices=RESETS)
+    surrogate_alpha: float = rule(4.0, gt=0)         # slope of the sigmoid surrogate
     detach_reset: bool = False
-    backend: str = "auto"           # auto (Triton on CUDA, fused CPU kernel for fp32/fp64 on CPU) | torch | triton | cpu
+    backend: str = rule("auto", choices=BACKENDS)    # auto: Triton on CUDA, fused CPU kernel for fp32/fp64 on CPU
 
 
 @dataclass
 class DataConfig:
     train_path: str = "data/fmnist/train.beton"
     val_path: str = "data/fmnist/val.beton"
-    batch_size: int = 128           # global batch: split evenly across processes
-    val_batch_size: int = 500       # per process
-    num_workers: int = 2
-    os_cache: bool = True           # True: OS page cache (multi-GPU); False: FFCV process cache
-    pad: int = 4                    # padded random crop (pixels) for raw small images; 0 disables
-    flip: bool = True               # random horizontal flip
+    batch_size: int = rule(128, gt=0)                # global batch: split evenly across processes
+    val_batch_size: int = rule(500, gt=0)            # per process
+    num_workers: int = rule(2, ge=0)
+    os_cache: bool = True                            # True: OS page cache (multi-GPU); False: FFCV process cache
+    pad: int = rule(4, ge=0)                         # padded random crop (pixels) for raw small images; 0 disables
+    flip: bool = True                                # random horizontal flip
     channels_last: bool = False
-    image_size: int = 224           # RandomResizedCrop output (JPEG .beton files, e.g. ImageNet)
-    rrc_scale_min: float = 0.08     # RandomResizedCrop area range (rrc_scale_min, 1)
-    val_image_size: int = 0         # centre-crop output for validation; 0: same as image_size
-    val_crop_ratio: float = 0.875   # centre crop / resized short side (224 of 256)
-    batches_ahead: int = 3          # batches FFCV prepares ahead
-    views: int = 0                  # random views per sample: 0 a new one every epoch; K cycles K (epoch % K)
+    image_size: int = rule(224, gt=0)                # RandomResizedCrop output (JPEG .beton files, e.g. ImageNet)
+    rrc_scale_min: float = rule(0.08, gt=0, le=1)    # RandomResizedCrop area range (rrc_scale_min, 1)
+    val_image_size: int = rule(0, ge=0)              # centre-crop output for validation; 0: same as image_size
+    val_crop_ratio: float = rule(0.875, gt=0, le=1)  # centre crop / resized short side (224 of 256)
+    batches_ahead: int = rule(3, gt=0)               # batches FFCV prepares ahead
+    views: int = rule(0, ge=0)                       # random views per sample: 0 a new one every epoch; K cycles K
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 0.1                 # for the global batch
-    momentum: float = 0.9
+    lr: float = rule(0.1, gt=0)                      # for the global batch
+    momentum: float = rule(0.9, ge=0)
     nesterov: bool = False
-    weight_decay: float = 5e-4      # not applied to BatchNorm parameters or biases
-    epochs: int = 10
-    warmup_epochs: float = 0.0      # linear warmup, then cosine to 0 (per step)
-    grad_clip: float = 0.0          # max global grad norm; 0 disables
+    weight_decay: float = rule(5e-4, ge=0)           # not applied to BatchNorm parameters or biases
+    epochs: int = rule(10, gt=0)
+    warmup_epochs: float = rule(0.0, ge=0)           # linear warmup, then cosine to 0 (per step)
+    grad_clip: float = rule(0.0, ge=0)               # max global grad norm; 0 disables
 
 
 @dataclass
 class LossConfig:
-    kind: str = "full_range"        # full_range | skd | tet | ce  (ANN teachers: ce)
-    alpha: float = 0.2              # weight of the teacher KD term
-    beta: float = 0.5               # weight of the self-distillation term
-    tau: float = 1.0                # temperature
-    sd_target: str = "ensemble"     # ensemble (paper) | correct_only (official code)
+    kind: str = rule("full_range", choices=LOSS_KINDS)   # ANN teachers: ce
+    alpha: float = rule(0.2, ge=0)                   # weight of the teacher KD term
+    beta: float = rule(0.5, ge=0)                    # weight of the self-distillation term
+    tau: float = rule(1.0, gt=0)                     # temperature
+    sd_target: str = rule("ensemble", choices=SD_TARGETS)  # ensemble (paper) | correct_only (official code)
 
 
 @dataclass
 class TeacherConfig:
-    name: str = ""                  # registered ANN model name; "" for runs without a teacher
-    checkpoint: str = ""            # a state_dict file (torchvision key names), e.g. runs/x/model.pt
-    source: str = "live"            # live: the teacher runs in every step; cache: read cache_dir, no teacher
-    cache_dir: str = ""             # teacher-logit cache (launcher/cache_teacher.py writes it), e.g. caches/x
-    topk: int = 16                  # logits kept per (view, sample); min(topk, num_classes); = classes: exact
+    name: str = ""                                   # registered ANN model name; "" for runs without a teacher
+    checkpoint: str = ""                             # a state_dict file (torchvision key names), e.g. runs/x/model.pt
+    source: str = rule("live", choices=SOURCES)      # live: runs in every step; cache: read cache_dir, no teacher
+    cache_dir: str = ""                              # teacher-logit cache (launcher/cache_teacher.py writes it)
+    topk: int = rule(16, gt=0)                       # logits kept per (view, sample); >= classes: exact
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"
-    seed: int = 0
+    seed: int = rule(0, ge=0)
     resume: bool = False
-    log_every: int = 50             # steps between metrics.jsonl lines
-    max_steps_per_epoch: int = 0    # 0: whole epochs; >0 truncates (smoke tests)
-    checkpoint_every_steps: int = 0  # >0: also checkpoint inside epochs (exact mid-epoch resume)
-    stop_check_every: int = 10      # steps between the ranks' agreement on preemption / non-finite loss (a host sync)
-    dist_timeout_s: int = 1800      # a collective waiting longer (a dead or hung rank) fails the run
+    log_every: int = rule(50, ge=0)                  # steps between metrics.jsonl lines
+    max_steps_per_epoch: int = rule(0, ge=0)         # 0: whole epochs; >0 truncates (smoke tests)
+    checkpoint_every_steps: int = rule(0, ge=0)      # >0: also checkpoint inside epochs (exact mid-epoch resume)
+    stop_check_every: int = rule(10, gt=0)           # steps between the ranks' stop agreement (a host sync)
+    dist_timeout_s: int = rule(1800, gt=0)           # a collective waiting longer (a dead or hung rank) fails the run
     model: ModelConfig = field(default_factory=ModelConfig)
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -111,22 +120,6 @@ class RunConfig:
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
-
-
-CHOICES: dict[str, tuple[str, ...]] = {
-    "neuron.reset": ("hard", "soft"),
-    "neuron.backend": ("auto", "torch", "triton", "cpu"),
-    "loss.kind": ("full_range", "skd", "tet", "ce"),
-    "loss.sd_target": ("ensemble", "correct_only"),
-    "teacher.source": ("live", "cache"),
-}
-POSITIVE = ("model.T", "model.num_classes", "model.in_channels", "data.batch_size", "data.image_size",
-            "data.batches_ahead", "data.rrc_scale_min", "data.val_crop_ratio",
-            "data.val_batch_size", "teacher.topk", "optim.lr", "optim.epochs", "loss.tau", "stop_check_every",
-            "dist_timeout_s")
-NON_NEGATIVE = ("data.num_workers", "data.pad", "data.views", "data.val_image_size", "optim.momentum", "optim.weight_decay",
-                "optim.warmup_epochs", "optim.grad_clip", "loss.alpha", "loss.beta",
-                "log_every", "max_steps_per_epoch", "checkpoint_every_steps", "seed", "neuron.surrogate_alpha")
 
 
 def _coerce(key: str, value: Any, typ: type) -> Any:
@@ -220,23 +213,27 @@ def parse_override(text: str) -> dict:
     return nested
 
 
+def _check_rules(obj: Any, prefix: str = "") -> None:
+    """Every field's own rule (rule(): choices and bounds); ConfigError naming the key."""
+    for f in dataclasses.fields(obj):
+        value, key, m = getattr(obj, f.name), f"{prefix}{f.name}", f.metadata
+        if dataclasses.is_dataclass(value):
+            _check_rules(value, key + ".")
+        elif m.get("choices") is not None and value not in m["choices"]:
+            raise ConfigError(f"config key {key}: expected one of {tuple(m['choices'])}, got {value!r}")
+        elif m.get("gt") is not None and m.get("le") is not None and not m["gt"] < value <= m["le"]:
+            raise ConfigError(f"config key {key}: expected a value in ({m['gt']}, {m['le']}], got {value!r}")
+        elif m.get("ge") is not None and m.get("le") is not None and not m["ge"] <= value <= m["le"]:
+            raise ConfigError(f"config key {key}: expected a value in [{m['ge']}, {m['le']}], got {value!r}")
+        elif m.get("gt") is not None and not value > m["gt"]:
+            raise ConfigError(f"config key {key}: expected > {m['gt']}, got {value!r}")
+        elif m.get("ge") is not None and not value >= m["ge"]:
+            raise ConfigError(f"config key {key}: expected >= {m['ge']}, got {value!r}")
+
+
 def validate(cfg: RunConfig) -> None:
-    """Cross-field checks; raises ConfigError naming the key."""
-    for key, allowed in CHOICES.items():
-        value = get_key(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"config key {key}: expected one of {allowed}, got {value!r}")
-    for key in POSITIVE:
-        if get_key(cfg, key) <= 0:
-            raise ConfigError(f"config key {key}: expected > 0, got {get_key(cfg, key)!r}")
-    for key in NON_NEGATIVE:
-        if get_key(cfg, key) < 0:
-            raise ConfigError(f"config key {key}: expected >= 0, got {get_key(cfg, key)!r}")
-    for key in ("data.rrc_scale_min", "data.val_crop_ratio"):
-        if get_key(cfg, key) > 1.0:
-            raise ConfigError(f"config key {key}: expected a value in (0, 1], got {get_key(cfg, key)}")
-    if not 0.0 <= cfg.neuron.decay <= 1.0:
-        raise ConfigError(f"config key neuron.decay: expected a value in [0, 1], got {cfg.neuron.decay}")
+    """Each field's rule, then the cross-field checks; raises ConfigError naming the key."""
+    _check_rules(cfg)
     if not cfg.name or "/" in cfg.name:
         raise ConfigError(f"config key name: expected a non-empty name without '/', got {cfg.name!r}")
     from fullrange.models import MODEL_NAMES, is_spiking
@@ -248,7 +245,7 @@ def validate(cfg: RunConfig) -> None:
     if not is_spiking(cfg.model.name) and cfg.loss.kind != "ce":
         raise ConfigError(f"config key loss.kind: an ANN model ({cfg.model.name}) trains with 'ce', "
                           f"got {cfg.loss.kind!r}")
-    if cfg.loss.kind in ("full_range", "skd"):
+    if NEEDS_TEACHER[cfg.loss.kind]:
         if cfg.teacher.source == "cache":
             if not cfg.teacher.name or not cfg.teacher.cache_dir:
                 raise ConfigError(f"config keys teacher.name and teacher.cache_dir: loss {cfg.loss.kind!r} with "

@@ -33,7 +33,7 @@ from fullrange.config import ConfigError, RunConfig, save_config
 from fullrange.data import BatchPreparer, ViewSpec, device_batches, train_loader, val_loader, view_epoch
 from fullrange.evaluate import accuracies, all_reduce_counts, logits_over_time, prefix_counts
 from fullrange.inputs import check_inputs
-from fullrange.losses import student_loss
+from fullrange.losses import NEEDS_TEACHER, student_loss
 from fullrange.metrics import MetricsLog, trim_metrics
 from fullrange.models import build_model, is_spiking
 from fullrange.optim import GuardedStep, build_optimizer, build_scheduler
@@ -63,7 +63,7 @@ def build_model_for(cfg: RunConfig, acc: Accelerator, console: Console) -> nn.Mo
 
 def build_targets(cfg: RunConfig, acc: Accelerator, cache) -> TeacherTargets | None:
     """The KD targets of the run: the checked cache, a live teacher, or None (no KD term)."""
-    if cfg.loss.kind not in ("full_range", "skd"):
+    if not NEEDS_TEACHER[cfg.loss.kind]:
         return None
     if cache is not None:
         return cache

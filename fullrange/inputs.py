@@ -6,6 +6,7 @@ from pathlib import Path
 
 from fullrange.config import ConfigError, RunConfig
 from fullrange.data import read_sidecar
+from fullrange.losses import NEEDS_TEACHER
 from fullrange.teacher_cache import TeacherCache
 from fullrange.teachers import load_teacher
 
@@ -36,7 +37,7 @@ def check_inputs(cfg: RunConfig, world_size: int) -> tuple[dict, TeacherCache | 
         raise ConfigError(f"config key data.batch_size: {cfg.data.batch_size} does not split evenly "
                           f"over {world_size} processes")
     cache = None
-    if cfg.loss.kind in ("full_range", "skd"):
+    if NEEDS_TEACHER[cfg.loss.kind]:
         if cfg.teacher.source == "cache":
             cache = TeacherCache(cfg.teacher.cache_dir)
             cache.check(cfg, meta)

@@ -11,6 +11,8 @@ from typing import Protocol
 import torch
 from torch import nn
 
+SOURCES = ("live", "cache")  # teacher.source: a live teacher in every step, or the teacher cache
+
 
 class TeacherTargets(Protocol):
     def targets(self, x: torch.Tensor, indices: torch.Tensor, view: int) -> torch.Tensor: ...

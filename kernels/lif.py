@@ -274,14 +274,8 @@ _lif_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------- public entry point
 
 
-def lif_multistep_triton(
-    x: Tensor,
-    decay: float,
-    threshold: float,
-    reset: str,
-    surrogate_alpha: float,
-    detach_reset: bool,
-) -> Tensor:
+def lif_multistep_triton(x: Tensor, decay: float, threshold: float, reset: str, surrogate_alpha: float,
+                         detach_reset: bool) -> Tensor:
     """Multi-step LIF on a time-major x [T, ...] (fp32, bf16 or fp16); returns spikes like x.
 
     decay is lam in h_t = lam * v_{t-1} + x_t, threshold is theta, reset is "hard" or "soft",

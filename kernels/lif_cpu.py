@@ -763,14 +763,8 @@ def _eager(x: Tensor) -> bool:
 # ---------------------------------------------------------------- public entry point
 
 
-def lif_multistep_cpu(
-    x: Tensor,
-    decay: float,
-    threshold: float,
-    reset: str,
-    surrogate_alpha: float,
-    detach_reset: bool,
-) -> Tensor:
+def lif_multistep_cpu(x: Tensor, decay: float, threshold: float, reset: str, surrogate_alpha: float,
+                      detach_reset: bool) -> Tensor:
     """Multi-step LIF on a time-major CPU x [T, ...] (float32 or float64); spikes like x.
 
     decay is lam in h_t = lam * v_{t-1} + x_t, threshold is theta, reset is "hard" or "soft",

@@ -3,7 +3,7 @@ random-resized-crop decoder, centre-crop validation, loaders on 1 and 2 ranks.
 
 The data is real: each class is a photo that ships with scikit-learn (china, flower) or
 scikit-image (astronaut, chelsea, coffee, rocket; when installed), its images random crops of
-that photo saved as JPEG (fullrange.data.photos), plus a grayscale PNG and a CMYK JPEG.
+that photo saved as JPEG (tests/photos.py), plus a grayscale PNG and a CMYK JPEG.
 """
 import os
 import re
@@ -23,7 +23,7 @@ from fullrange.config import RunConfig
 from fullrange.data import (Batch, BatchPreparer, ViewSpec, center_view_params, check_beton, normalize, read_sidecar,
                             rrc_view_params, sidecar_path, train_loader, val_loader, view_params, write_imagefolder)
 from fullrange.data.imagefolder import IMAGENET_MEAN, IMAGENET_STD
-from fullrange.data.photos import write_photo_tree
+from photos import write_photo_tree
 from fullrange.data.resample import resize_crop
 
 REPO = Path(__file__).resolve().parents[1]

@@ -131,7 +131,7 @@ def test_cache_student_and_sweep_on_cuda(tmp_path, tiny_data, teacher_file):
 def test_ffcv_device_path_matches_cpu_decode(tmp_path):
     pytest.importorskip("ffcv")
     from fullrange.data import ViewSpec, device_batches, train_loader, write_imagefolder
-    from fullrange.data.photos import write_photo_tree
+    from photos import write_photo_tree
 
     write_photo_tree(tmp_path / "src", {"train": 16, "val": 2}, min_side=64, max_side=300, seed=0)
     out = write_imagefolder(tmp_path / "src", tmp_path / "out", max_resolution=256, num_workers=4, progress=False)

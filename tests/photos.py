@@ -1,5 +1,5 @@
 """Real photos that install with the Python packages (no download), and small ImageFolder
-trees cut from them: for tests, benchmarks and smoke runs of the ImageNet pipeline.
+trees cut from them: for the tests and benchmarks of the ImageNet pipeline (bench/loader.py).
 
 Photos: scikit-learn's china.jpg and flower.jpg (always), scikit-image's astronaut, chelsea,
 coffee and rocket when scikit-image is installed. A tree's classes are the photos; its images
