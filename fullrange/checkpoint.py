@@ -21,6 +21,7 @@ from pathlib import Path
 from accelerate import Accelerator
 
 from fullrange.atomic import write_text_atomic
+from fullrange.config import ConfigError
 
 PREFIX = "epoch_"
 
@@ -30,18 +31,24 @@ def checkpoint_name(epoch: int, batch: int = 0) -> str:
     return f"{PREFIX}{epoch:04d}" + (f"_batch_{batch:07d}" if batch else "")
 
 
+def _published(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.glob(f"{PREFIX}*") if (p / "trainer_state.json").is_file())
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The run's last published checkpoint, or None."""
+    done = _published(Path(run_dir) / "checkpoints")
+    return done[-1] if done else None
+
+
 class Checkpointer:
     def __init__(self, run_dir: Path, accelerator: Accelerator, keep: int = 1):
         self.dir = Path(run_dir) / "checkpoints"
         self.accelerator = accelerator
         self.keep = keep
 
-    def _published(self) -> list[Path]:
-        return sorted(p for p in self.dir.glob(f"{PREFIX}*") if (p / "trainer_state.json").is_file())
-
     def latest(self) -> Path | None:
-        done = self._published()
-        return done[-1] if done else None
+        return latest_checkpoint(self.dir.parent)
 
     def save(self, epoch: int, step: int, batch: int = 0) -> Path:
         """Save after ``epoch`` completed epochs and ``batch`` batches of the next (collective:
@@ -61,7 +68,7 @@ class Checkpointer:
             write_text_atomic(tmp / "trainer_state.json", json.dumps(state))
             shutil.rmtree(final, ignore_errors=True)
             tmp.rename(final)
-            for old in self._published()[:-self.keep]:
+            for old in _published(self.dir)[:-self.keep]:
                 shutil.rmtree(old, ignore_errors=True)
         acc.wait_for_everyone()
         return final
@@ -69,7 +76,13 @@ class Checkpointer:
     def load(self, path: Path) -> dict:
         """Restore accelerator state from ``path``; returns its trainer_state (with "batch", 0
         for an epoch boundary)."""
-        self.accelerator.load_state(str(path))
-        state = json.loads((Path(path) / "trainer_state.json").read_text())
+        try:
+            self.accelerator.load_state(str(path))
+            state = json.loads((Path(path) / "trainer_state.json").read_text())
+        except Exception as e:  # noqa: BLE001 - torch, safetensors, pickle and json each raise their own
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ConfigError(f"config key resume: checkpoint {path} is unreadable ({type(e).__name__}: {first}); "
+                              "delete that folder to restart the run from scratch, or resume=false with another "
+                              "name=...") from None
         state.setdefault("batch", 0)
         return state

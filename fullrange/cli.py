@@ -31,10 +31,10 @@ def train_main(argv: list[str] | None = None, hooks=None) -> int:
 
         train(cfg, acc, hooks(acc) if hooks else ())
 
-    return _run_on_every_rank(args.config, args.overrides, work)
+    return _run_on_every_rank(args.config, args.overrides, work, trackers=True)
 
 
-def _run_on_every_rank(config: str, overrides: list[str], work) -> int:
+def _run_on_every_rank(config: str, overrides: list[str], work, trackers: bool = False) -> int:
     """Load the config (bad input: one line, exit 2, before the process group starts), then
     work(cfg, accelerator) on every rank, with the exit codes of fullrange.preemption: 2 for bad
     input (ConfigError), 75 when preempted, 3 for a non-finite loss. Every rank raises these at
@@ -49,8 +49,9 @@ def _run_on_every_rank(config: str, overrides: list[str], work) -> int:
     from fullrange.runtime import make_accelerator, shutdown
 
     try:
-        acc = make_accelerator(cfg.dist_timeout_s)
-    except ConfigError as e:
+        acc = (make_accelerator(cfg.dist_timeout_s, cfg.log_with, cfg.run_dir) if trackers
+               else make_accelerator(cfg.dist_timeout_s))
+    except ConfigError as e:  # a tracker that is not installed, a precision the device cannot run
         return _fail(str(e))
     clean = False
     try:

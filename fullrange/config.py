@@ -28,8 +28,13 @@ class ConfigError(ValueError):
 
 def rule(default, *, choices: tuple | None = None, gt: float | None = None, ge: float | None = None,
          le: float | None = None):
-    """A config field with its rule: one of `choices`, or a number > gt / >= ge / <= le."""
-    return field(default=default, metadata={"choices": choices, "gt": gt, "ge": ge, "le": le})
+    """A config field with its rule: one of `choices` (for a list: each item), or a number > gt /
+    >= ge / <= le."""
+    kwargs = {"default_factory": lambda: list(default)} if isinstance(default, list) else {"default": default}
+    return field(**kwargs, metadata={"choices": choices, "gt": gt, "ge": ge, "le": le})
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow", "aim", "comet_ml", "clearml", "dvclive", "swanlab", "trackio")
 
 
 @dataclass
@@ -110,6 +115,7 @@ class RunConfig:
     checkpoint_every_steps: int = rule(0, ge=0)      # >0: also checkpoint inside epochs (exact mid-epoch resume)
     stop_check_every: int = rule(10, gt=0)           # steps between the ranks' stop agreement (a host sync)
     dist_timeout_s: int = rule(1800, gt=0)           # a collective waiting longer (a dead or hung rank) fails the run
+    log_with: list = rule([], choices=TRACKERS)      # experiment trackers (accelerate's), beside metrics.jsonl
     model: ModelConfig = field(default_factory=ModelConfig)
     neuron: NeuronConfig = field(default_factory=NeuronConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -146,6 +152,11 @@ def _coerce(key: str, value: Any, typ: type) -> Any:
     elif typ is str:
         if isinstance(value, str):
             return value
+    elif typ is list:  # of strings; a single string is a one-item list
+        if isinstance(value, str):
+            return [value] if value else []
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return list(value)
     raise ConfigError(f"config key {key}: expected {typ.__name__}, got {value!r} ({type(value).__name__})")
 
 
@@ -219,6 +230,9 @@ def _check_rules(obj: Any, prefix: str = "") -> None:
         value, key, m = getattr(obj, f.name), f"{prefix}{f.name}", f.metadata
         if dataclasses.is_dataclass(value):
             _check_rules(value, key + ".")
+        elif m.get("choices") is not None and isinstance(value, list):
+            if any(v not in m["choices"] for v in value):
+                raise ConfigError(f"config key {key}: expected a list of {tuple(m['choices'])}, got {value!r}")
         elif m.get("choices") is not None and value not in m["choices"]:
             raise ConfigError(f"config key {key}: expected one of {tuple(m['choices'])}, got {value!r}")
         elif m.get("gt") is not None and m.get("le") is not None and not m["gt"] < value <= m["le"]:

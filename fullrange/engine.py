@@ -34,7 +34,7 @@ from fullrange.data import BatchPreparer, ViewSpec, device_batches, train_loader
 from fullrange.evaluate import accuracies, all_reduce_counts, logits_over_time, prefix_counts
 from fullrange.inputs import check_inputs
 from fullrange.losses import NEEDS_TEACHER, student_loss
-from fullrange.metrics import MetricsLog, trim_metrics
+from fullrange.metrics import MetricsLog, StepClock, trim_metrics
 from fullrange.models import build_model, is_spiking
 from fullrange.optim import GuardedStep, build_optimizer, build_scheduler
 from fullrange.preemption import EXIT_REQUEUE, NonFiniteLoss, Preempted, StopCheck, StopSignals, write_requeue_file
@@ -112,7 +112,8 @@ class Trainer:
         self.guarded_step = GuardedStep(acc, self.optimizer, params, cfg.optim.grad_clip) if ds is None else None
         self.checkpointer = Checkpointer(cfg.run_dir, acc)
         self.stop = StopCheck(signals, acc.device, acc.process_index, acc.num_processes, cfg.stop_check_every)
-        self.log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc.is_main_process)
+        self.log = MetricsLog(cfg.run_dir / "metrics.jsonl", acc, trackers=bool(cfg.log_with))
+        self.clock = StepClock(acc.device)
         self.deepspeed = ds is not None
         self.epoch = self.step = 0
 
@@ -144,7 +145,9 @@ class Trainer:
     def resume(self) -> int:
         """Restore the last checkpoint when cfg.resume; returns the batches of self.epoch done."""
         last = self.checkpointer.latest() if self.cfg.resume else None
-        if last is None:
+        if last is None:  # a fresh start: no lines of an earlier attempt that saved nothing
+            if self.acc.is_main_process:
+                trim_metrics(self.cfg.run_dir / "metrics.jsonl", 0)
             return 0
         state = self.checkpointer.load(last)
         self.epoch, self.step = state["epoch"], state["step"]
@@ -172,19 +175,23 @@ class Trainer:
                             f"{path}; rerun with resume=true to continue (exit {EXIT_REQUEUE}: requeue)", path)
 
     def log_step(self, loss: torch.Tensor, parts: dict, progress, task) -> None:
+        """The loss and its parts (mean over ranks), lr, throughput and memory (a host sync)."""
         values = self.acc.reduce(torch.stack([loss, *parts.values()]).float(), "mean").tolist()
-        self.log.write(step=self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
-                       **dict(zip(["loss", *parts], values)))
-        progress.update(task, info=f"loss {values[0]:.3f}")
+        speed = self.clock.report(self.cfg.data.batch_size, self.T)
+        self.log.write(self.step, epoch=self.epoch, lr=self.scheduler.get_last_lr()[0],
+                       **dict(zip(["loss", *parts], values)), **speed)
+        progress.update(task, info=f"loss {values[0]:.3f} {speed['img_per_s']:.0f} img/s")
 
     def train_epoch(self, done: int, progress, task) -> None:
         """The batches of self.epoch from batch `done` on (done > 0: resumed inside the epoch)."""
         cfg, loader = self.cfg, self.train_batches
         loader.set_epoch(self.epoch, view_epoch(self.epoch, cfg.data.views), start_batch=done)
         self.model.train()
+        self.clock.reset()
         for i, batch in enumerate(device_batches(loader, self.acc.device, loader.epoch_view), start=done):
             if i >= self.steps_per_epoch:
                 break
+            self.clock.got_batch()
             loss, parts = self.train_step(batch)
             self.stop.note_loss(loss)
             self.step += 1
@@ -198,6 +205,7 @@ class Trainer:
             if saving:
                 self.checkpointer.save(self.epoch, self.step, i + 1)
             progress.advance(task)
+            self.clock.step_done()
         self.agree_to_stop(self.steps_per_epoch, force=True)
 
     def validate(self) -> dict:
@@ -211,7 +219,9 @@ class Trainer:
         checksums = acc.gather(torch.tensor([weights_checksum(self.model)], dtype=torch.float64,
                                             device=acc.device)).tolist()
         dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in self.model.state_dict().values()})
-        self.log.write(step=self.step, epoch=self.epoch + 1, val_total=result["total"], val_top1=result["top1"][-1],
+        per_T = {f"val/top1_T{t + 1}": v for t, v in enumerate(result["top1"])}
+        self.log.write(self.step, {"val/top1": result["top1"][-1], **per_T, "epoch": self.epoch + 1},
+                       epoch=self.epoch + 1, val_total=result["total"], val_top1=result["top1"][-1],
                        val_top1_T1=result["top1"][0], val_top1_per_T=result["top1"], weights_checksums=checksums,
                        weights_dtypes=dtypes)
         return result
@@ -233,6 +243,8 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, run_dir / "config.yaml")
             write_text_atomic(run_dir / "environment.json", json.dumps(describe(self.acc, self.precision), indent=1))
+        if self.cfg.log_with:
+            self.acc.init_trackers("trackers", config=tracker_config(self.cfg))
             self.console.print(f"[bold]{self.cfg.name}[/]: {self.cfg.model.name} T={self.T} loss={self.cfg.loss.kind} "
                                f"on {self.acc.num_processes} process(es){' with DeepSpeed' if self.deepspeed else ''}, "
                                f"precision {self.precision}, {self.steps_per_epoch} steps/epoch x "
@@ -256,7 +268,25 @@ class Trainer:
                 self.epoch, done = self.epoch + 1, 0
                 if self.epoch < cfg.optim.epochs:
                     self.agree_to_stop(0, force=True, saved=saved)  # a signal during validation / saving
+        for tracker in self.acc.trackers:
+            tracker.finish()
         return cfg.run_dir
+
+
+def tracker_config(cfg: RunConfig) -> dict:
+    """The run config as flat scalars (section.key -> value; lists as text), for trackers."""
+    from fullrange.config import to_dict
+
+    def flat(d: dict, prefix: str = "") -> dict:
+        out = {}
+        for k, v in d.items():
+            if isinstance(v, dict):
+                out.update(flat(v, f"{prefix}{k}."))
+            else:
+                out[f"{prefix}{k}"] = ",".join(v) if isinstance(v, list) else v
+        return out
+
+    return flat(to_dict(cfg))
 
 
 def average_buffers(model: nn.Module, accelerator: Accelerator) -> None:

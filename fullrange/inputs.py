@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from fullrange.config import ConfigError, RunConfig
-from fullrange.data import read_sidecar
+from fullrange.checkpoint import latest_checkpoint
+from fullrange.config import from_dict, to_dict
+from fullrange.data import check_beton
 from fullrange.losses import NEEDS_TEACHER
 from fullrange.teacher_cache import TeacherCache
 from fullrange.teachers import load_teacher
@@ -22,7 +24,7 @@ def check_inputs(cfg: RunConfig, world_size: int) -> tuple[dict, TeacherCache | 
             raise ConfigError(f"config key {key}: data file {path} not found (expected an FFCV .beton; "
                               "write the bundled data with `python launcher/write_ffcv.py bundled fmnist data/fmnist`)")
         try:
-            metas[key] = read_sidecar(path)
+            metas[key] = check_beton(path)  # sidecar, size, header and fields
         except (FileNotFoundError, ValueError) as e:
             raise ConfigError(f"config key {key}: {e}") from None
     meta = metas["data.train_path"]
@@ -47,5 +49,42 @@ def check_inputs(cfg: RunConfig, world_size: int) -> tuple[dict, TeacherCache | 
     if not cfg.resume and ((run_dir / "checkpoints").exists() or (run_dir / "model.pt").exists()):
         raise ConfigError(f"config key resume: run directory {run_dir} already holds a run; pass resume=true "
                           "to continue it or choose another name=... (nothing was overwritten)")
+    if cfg.resume and latest_checkpoint(run_dir) is not None:
+        check_resumable(cfg)
     return meta, cache
+
+
+# Keys that a resumed run may change: they decide how the run is executed or reported, not what
+# it computes. Everything else (data, batch, seed, model, neuron, loss, optim, teacher,
+# max_steps_per_epoch) must equal the checkpointed run's; optim.epochs too, since the cosine
+# schedule's length sets every later learning rate (train longer with a new run instead).
+RESUME_SAFE = ("name", "out_dir", "resume", "log_every", "checkpoint_every_steps", "stop_check_every",
+               "dist_timeout_s", "log_with", "data.num_workers", "data.os_cache", "data.batches_ahead",
+               "data.val_batch_size", "neuron.backend", "teacher.cache_dir")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def check_resumable(cfg: RunConfig) -> None:
+    """ConfigError listing every key that differs from the run being resumed (RUN/config.yaml)
+    in a way that breaks an exact continuation (see RESUME_SAFE)."""
+    import yaml
+
+    path = cfg.run_dir / "config.yaml"
+    try:
+        saved = _flat(to_dict(from_dict(yaml.safe_load(path.read_text()))))
+    except (OSError, yaml.YAMLError, ConfigError) as e:
+        raise ConfigError(f"config key resume: {path} is missing or unreadable ({str(e).splitlines()[0]}); it "
+                          "records the run to continue (resume=false with another name=... starts afresh)") from None
+    now = _flat(to_dict(cfg))
+    changed = [f"{k}: {saved[k]!r} -> {now[k]!r}" for k in now if k not in RESUME_SAFE and now[k] != saved.get(k)]
+    if changed:
+        raise ConfigError(f"config key resume: {cfg.run_dir} was trained with other settings, and resuming would "
+                          f"not continue it exactly: {'; '.join(changed)} (use the run's own values, or another "
+                          "name=... for a new run)")
 

@@ -46,11 +46,25 @@ def check_precision(precision: str, on_cpu: bool, deepspeed: bool) -> None:
                           "autocast, and fp16 would need a loss scale; use bf16, or fp16 with DDP (GradScaler)")
 
 
-def make_accelerator(timeout_s: int = 1800) -> Accelerator:
+def check_trackers(names) -> list[str]:
+    """The tracker names, each of whose Python package is installed; ConfigError otherwise
+    (accelerate would skip a missing one with a warning)."""
+    import importlib.util
+
+    for name in names or ():
+        modules = ("tensorboard", "tensorboardX") if name == "tensorboard" else (name,)
+        if not any(importlib.util.find_spec(m) for m in modules):
+            raise ConfigError(f"config key log_with: tracker {name!r} needs the Python package {modules[0]!r} "
+                              f"(pip install {modules[0]})")
+    return list(names or ())
+
+
+def make_accelerator(timeout_s: int = 1800, log_with: list[str] | None = None, project_dir=None) -> Accelerator:
     """Accelerator for this process with the launch's precision; the process group (gloo on
     CPU, nccl on CUDA) only when launched with several processes (WORLD_SIZE > 1). timeout_s
     bounds every collective: a rank that died or hangs makes the others fail after at most that
-    long. ConfigError for a precision the device cannot run (see check_precision)."""
+    long. log_with: experiment trackers (accelerate's names), writing under project_dir.
+    ConfigError for a precision the device cannot run (see check_precision)."""
     on_cpu = not torch.cuda.is_available() or _flag("ACCELERATE_USE_CPU")
     deepspeed = _flag("ACCELERATE_USE_DEEPSPEED")
     if on_cpu:
@@ -65,7 +79,9 @@ def make_accelerator(timeout_s: int = 1800) -> Accelerator:
     # Say cpu=True on the CPU: launched from a config file without ACCELERATE_USE_CPU in the
     # environment, accelerate would report DistributedType.NO on every rank (no DDP, no-op
     # barriers and reductions) although the process group exists. DeepSpeed keeps its own type.
-    acc = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=on_cpu and not deepspeed)
+    acc = Accelerator(mixed_precision=precision, kwargs_handlers=handlers, cpu=on_cpu and not deepspeed,
+                      log_with=check_trackers(log_with) or None,
+                      project_dir=str(project_dir) if project_dir is not None else None)
     if world_size > 1 and acc.distributed_type == DistributedType.NO:
         raise RuntimeError(f"accelerate started {world_size} processes but no distributed mode; "
                            "check distributed_type in the launch config")

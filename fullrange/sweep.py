@@ -105,3 +105,11 @@ def sweep_run(run_dir: Path, T_max: int | None, accelerator, val_path: str | Non
     if stats is not None:
         result.update(deploy_report(counts, thresholds, result["total"], T_max))
     return result
+
+
+if __name__ == "__main__":  # `python -m fullrange.sweep RUN_DIR ...`: the same as launcher/sweep.py
+    import sys
+
+    from fullrange.cli import sweep_main
+
+    sys.exit(sweep_main())

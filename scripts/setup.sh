@@ -19,13 +19,14 @@ fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 PY=.venv/bin/python
-pip_install() {  # quiet pip; drops this machine's notes about missing local mirrors
-    "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 | { grep -v "^WARNING: Location '" || true; }
+pip_install() {  # quiet pip; drops this machine's notes about missing local mirrors, and build warnings
+    PYTHONWARNINGS=ignore "$PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+        | { grep -v "^WARNING: Location '" || true; }
     return "${PIPESTATUS[0]}"
 }
 
 # A stamp of everything that decides the install; skip pip when nothing changed.
-stamp=".venv/.fullrange-setup-$(cat pyproject.toml scripts/setup.sh | sha1sum | cut -c1-12)-${EXTRAS//,/_}"
+stamp=".venv/.fullrange-setup-$(cat pyproject.toml setup.py scripts/setup.sh | sha1sum | cut -c1-12)-${EXTRAS//,/_}"
 if [ ! -f "$stamp" ]; then
     echo "[setup] installing into .venv (extras: $EXTRAS)"
     pip_install --upgrade pip setuptools wheel

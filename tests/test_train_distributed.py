@@ -1,4 +1,5 @@
-"""launcher/train.py through accelerate: 2 CPU processes complete an epoch with identical weights; resume."""
+"""launcher/train.py through accelerate: 2 CPU processes complete an epoch with identical weights; resume
+of a finished run (refused with another schedule, a no-op with the same config)."""
 import json
 
 import torch
@@ -25,14 +26,16 @@ def test_two_process_epoch_weights_agree_and_resume(tmp_path, tiny_data, teacher
     state = torch.load(run / "model.pt", weights_only=True)
     assert float(sum(t.double().sum() for t in state.values() if t.is_floating_point())) == sums[0]
 
-    # resume continues from the last checkpoint into a second epoch
-    args2 = args + ["resume=true", "optim.epochs=2"]
-    again = run_launcher("train.py", args2, nproc=2)
+    # a resume of the finished run with more epochs is refused (the cosine schedule would change);
+    # with the same config it finds nothing left to do and writes nothing
+    refused = run_launcher("train.py", args + ["resume=true", "optim.epochs=2"], nproc=2)
+    assert refused.returncode != 0 and "optim.epochs: 1 -> 2" in refused.stderr, refused.stderr[-3000:]
+    before = (run / "metrics.jsonl").read_text()
+    again = run_launcher("train.py", args + ["resume=true"], nproc=2)
     assert again.returncode == 0, again.stderr[-3000:]
-    metrics = read_metrics(run / "metrics.jsonl")
-    assert [m["epoch"] for m in metrics if "val_top1" in m] == [1, 2]
-    assert json.loads((run / "checkpoints" / "epoch_0002" / "trainer_state.json").read_text()) == {"epoch": 2, "step": 16}
-    assert not (run / "checkpoints" / "epoch_0001").exists()  # only the last is kept
+    assert "epoch 1, batch 0, step 8" in again.stderr
+    assert (run / "metrics.jsonl").read_text() == before
+    assert json.loads((run / "checkpoints" / "epoch_0001" / "trainer_state.json").read_text()) == {"epoch": 1, "step": 8}
 
 
 def test_demo_launch_config_trains_with_ddp(tmp_path, tiny_data, teacher_file):

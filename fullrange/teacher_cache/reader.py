@@ -1,9 +1,9 @@
 """Read a finished teacher cache: KD targets for a student's batch, no teacher needed.
 
 Shards are memory-mapped read-only (any number of processes and runs read one cache at once);
-a shard's sha256 is checked against the manifest when a process first opens it, so a corrupt
-or replaced shard stops the run with a message naming it. Only the shards of the view in use
-stay open.
+every shard a run reads has its sha256 checked against the manifest before training starts
+(TeacherCache.check), so a corrupt or replaced shard stops the run with one line naming it.
+Only the shards of the view in use stay open.
 """
 from __future__ import annotations
 
@@ -19,8 +19,9 @@ from .layout import FORMAT, MANIFEST, SHARDS, cache_spec, check_spec, read_json,
 from .records import from_records, rebuild_logits
 
 
-class CacheCorrupt(RuntimeError):
-    """A shard's bytes do not match the manifest's checksum (or the shard is missing)."""
+class CacheCorrupt(ConfigError):
+    """A shard's bytes do not match the manifest's checksum (or the shard is missing): bad input,
+    one line and exit 2 like any other."""
 
 
 class TeacherCache:
@@ -40,7 +41,7 @@ class TeacherCache:
         spec = self.manifest["spec"]
         self.k, self.views, self.chunk = spec["k"], self.manifest["views"], self.manifest["chunk"]
         self.num_samples, self.num_classes = spec["data"]["num_samples"], spec["data"]["num_classes"]
-        self._view, self._shards = -1, {}
+        self._view, self._shards, self._verified = -1, {}, set()
 
     def check(self, cfg: RunConfig, meta: dict) -> None:
         """ConfigError unless this cache was built for cfg's teacher, data (meta: the train
@@ -52,20 +53,34 @@ class TeacherCache:
                               "identifies the teacher: give the file the cache was built from, or '' to skip)")
         want = cache_spec(cfg, meta, file_sha256(weights) if weights else None)
         check_spec(self.path, self.manifest["spec"], self.views, want, views_needed(cfg))
+        self.verify(views_needed(cfg))
 
-    def _open_view(self, view: int) -> None:
-        self._shards = {}
-        for c in range(-(-self.num_samples // self.chunk)):
-            name = shard_name(view, c)
-            path = self.path / SHARDS / name
-            expected = self.manifest["shards"].get(name)
-            if not path.is_file() or expected is None:
-                raise CacheCorrupt(f"teacher cache {self.path}: shard {name} is missing; rebuild the cache")
+    def _verified_path(self, name: str) -> Path:
+        """A shard's path, its sha256 checked against the manifest once per process."""
+        path = self.path / SHARDS / name
+        expected = self.manifest["shards"].get(name)
+        if not path.is_file() or expected is None:
+            raise CacheCorrupt(f"config key teacher.cache_dir: teacher cache {self.path}: shard {name} is missing; "
+                               "rebuild the cache (launcher/cache_teacher.py into a new teacher.cache_dir)")
+        if name not in self._verified:
             found = file_sha256(path)
             if found != expected:
-                raise CacheCorrupt(f"teacher cache {self.path}: shard {name} is corrupt (sha256 {found[:16]}..., "
-                                   f"manifest {expected[:16]}...); rebuild the cache")
-            self._shards[c] = np.load(path, mmap_mode="r")
+                raise CacheCorrupt(f"config key teacher.cache_dir: teacher cache {self.path}: shard {name} is corrupt "
+                                   f"(sha256 {found[:16]}..., manifest {expected[:16]}...); rebuild the cache "
+                                   "(launcher/cache_teacher.py into a new teacher.cache_dir)")
+            self._verified.add(name)
+        return path
+
+    def verify(self, views: int) -> None:
+        """Check the shards of views 0..views-1 against the manifest (CacheCorrupt names the first
+        missing or corrupt one), before a run starts."""
+        for view in range(min(views, self.views)):
+            for c in range(-(-self.num_samples // self.chunk)):
+                self._verified_path(shard_name(view, c))
+
+    def _open_view(self, view: int) -> None:
+        self._shards = {c: np.load(self._verified_path(shard_name(view, c)), mmap_mode="r")
+                        for c in range(-(-self.num_samples // self.chunk))}
         self._view = view
 
     def lookup(self, view: int, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
