@@ -163,12 +163,14 @@ def _export(runs: list[Path], T: int) -> int:
 def _report(args, thresholds) -> int:
     """The sweep of every run on every rank; the main process writes and prints the reports."""
     from fullrange.config import ConfigError
-    from fullrange.report import plot_sweep, print_sweep, write_sweep_json, write_sweep_text
+    from fullrange.report import log_sweep, plot_sweep, print_sweep, write_sweep_json, write_sweep_text
     from fullrange.runtime import make_accelerator, shutdown
-    from fullrange.sweep import sweep_run
+    from fullrange.sweep import run_log_with, sweep_run
 
+    out = args.out or (args.runs[0].parent / "sweep" if len(args.runs) > 1 else args.runs[0] / "sweep")
+    trackers = run_log_with(args.runs)
     try:
-        acc = make_accelerator()
+        acc = make_accelerator(log_with=trackers, project_dir=out.parent)
     except ConfigError as e:
         return _fail(str(e))
     clean = False
@@ -182,10 +184,14 @@ def _report(args, thresholds) -> int:
                     write({run.name: results[run.name]}, run / f"sweep{suffix}")
         if acc.is_main_process:
             if len(results) > 1 or args.out is not None:
-                out = args.out or args.runs[0].parent / "sweep"
                 for write, suffix in ((write_sweep_json, ".json"), (plot_sweep, ".png"), (write_sweep_text, ".txt")):
                     write(results, out.with_suffix(suffix))
             print_sweep(results, layers=not args.no_layers)
+        if trackers and acc.is_main_process:  # the runs' log_with: the report goes there too, beside OUT
+            acc.init_trackers("sweep_trackers")
+            log_sweep(acc, results, out.with_suffix(".png"))
+            for tracker in acc.trackers:
+                tracker.finish()
         clean = True
     except (FileNotFoundError, ValueError, ConfigError) as e:
         return _fail(str(e))

@@ -156,3 +156,23 @@ def plot_sweep(results: dict[str, dict], path: Path) -> None:
     with atomic_path(path, suffix=".tmp.png") as tmp:
         fig.savefig(tmp)
     plt.close(fig)
+
+
+def log_sweep(accelerator, results: dict[str, dict], figure: Path) -> None:
+    """The sweep's report to the accelerator's trackers: top-1 per run at step T', the text
+    report as a table, and the figure (the PNG at `figure`) as an image."""
+    import numpy as np
+    from PIL import Image
+
+    for name, r in results.items():
+        for t, acc in enumerate(r["top1"], start=1):
+            accelerator.log({f"sweep/{name}/top1": acc, f"sweep/{name}/top5": r["top5"][t - 1]}, step=t)
+    buf = io.StringIO()
+    print_sweep(results, Console(file=buf, width=120, force_terminal=False), layers=False)
+    accelerator.log({"sweep/report": "<pre>" + buf.getvalue() + "</pre>"}, step=0)
+    image = np.asarray(Image.open(figure).convert("RGB"))
+    for tracker in accelerator.trackers:
+        if tracker.name == "tensorboard":
+            tracker.log_images({"sweep/figure": image[None]}, step=0, dataformats="NHWC")
+        elif hasattr(tracker, "log_images"):
+            tracker.log_images({"sweep/figure": [image]}, step=0)

@@ -30,6 +30,18 @@ def load_run(run_dir: Path) -> tuple[RunConfig, nn.Module]:
     return cfg, model
 
 
+def run_log_with(runs: Sequence[Path]) -> list[str]:
+    """The trackers named by the runs' configs (log_with), each once, in order."""
+    import yaml
+
+    names: list[str] = []
+    for run in runs:
+        for name in (yaml.safe_load((Path(run) / "config.yaml").read_text()) or {}).get("log_with", []) or []:
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def export_run(run_dir: Path, T: int, out_dir: Path | None = None) -> Path:
     """Write a student ready to deploy at T timesteps: OUT/model.pt and OUT/config.yaml (model.T = T).
 

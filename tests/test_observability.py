@@ -62,6 +62,23 @@ def test_tensorboard_scalars(finished):
                for m in steps)
 
 
+def test_sweep_report_reaches_the_tracker(finished):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run, _ = finished
+    done = subprocess.run([PYTHON, str(REPO / "launcher" / "sweep.py"), str(run), "--no-layers"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    acc = EventAccumulator(str(run / "sweep_trackers"), size_guidance={"images": 0, "tensors": 0})
+    acc.Reload()
+    tags = acc.Tags()
+    top1 = acc.Scalars("sweep/tb/top1")
+    assert [e.step for e in top1] == [1, 2, 3, 4]  # T' = 1..2T
+    report = json.loads((run / "sweep.json").read_text())["tb"]
+    assert [round(e.value, 4) for e in top1] == [round(v, 4) for v in report["top1"]]
+    assert "sweep/figure" in tags["images"] and any("sweep/report" in t for t in tags["tensors"]), tags
+
+
 def test_resume_refuses_changed_batch_or_seed(finished):
     run, overrides = finished
     before = (run / "metrics.jsonl").read_text()
