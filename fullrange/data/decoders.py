@@ -35,8 +35,7 @@ from .views import (DEFAULT_CROP_RATIO, DEFAULT_RATIO, DEFAULT_SCALE, RRC_VERSIO
                     check_scale_ratio, rrc_one)
 
 RGB_FIELDS = ("mode", "width", "height", "data_ptr")
-MODE_JPG = 0  # RGBImageField's storage modes
-MODE_RAW = 1
+MODE_JPG = 0  # RGBImageField's storage mode of a JPEG sample (1: raw pixels)
 _VIEW_RRC = 0
 _VIEW_CENTER = 1
 

@@ -1,37 +1,21 @@
 """FFCV loaders for the .beton files written by fullrange.data.writer and .imagefolder.
 
 The sidecar's image_format picks the image pipeline:
-- "raw" (small fixed-size arrays, e.g. Fashion-MNIST): the pixels as stored; the trainer
-  augments on the device (pad_crop_flip), `BetonLoader.augmented` is False.
-- "rgb_jpeg" (ImageFolder / ImageNet): train decodes with ReplayableRRCDecoder (random
-  resized crop + flip hashed from (seed, epoch, index), at image_size), val with
-  CenterCropDecoder (centre crop_ratio of the shorter side, resized to image_size);
-  `BetonLoader.augmented` is True for train: the trainer must not augment again.
+- "raw" (small fixed-size arrays, e.g. Fashion-MNIST): the pixels as stored; BatchPreparer
+  augments them on the device (pad_crop_flip), `BetonLoader.augmented` is False.
+- "rgb_jpeg" (ImageFolder / ImageNet): train decodes with ReplayableRRCDecoder (the replayable
+  random resized crop + flip of the ViewSpec), val with CenterCropDecoder;
+  `BetonLoader.augmented` is True for train.
 
-Both loaders yield (images uint8 [B, C, H, W], labels int64 [B], indices int64 [B]) as CPU
-tensors. images is a permuted view of FFCV's [B, H, W, C] buffer, so it is channels_last in
-memory. All three are REUSED buffers (FFCV cycles batches_ahead + 2 slots): move them to the
-device or clone them before keeping them past the next step.
+Loaders yield (images uint8 [B, C, H, W] (channels_last memory), labels int64 [B], indices int64
+[B]) on the CPU. They are REUSED buffers: fullrange.data.device_batches moves them safely.
 
-How FFCV (1.0.2) orders an epoch (ffcv/loader/loader.py, ffcv/traversal_order/*.py):
-- The Loader keeps a counter `next_epoch`, 0 at construction; every `iter(loader)` draws the
-  order for `next_epoch` and then increments it. So iterating once per epoch gives epochs
-  0, 1, 2, ...; `BetonLoader.set_epoch(e)` sets the counter (resume; or call it every epoch).
-- RANDOM, single process: np.random.default_rng(seed + epoch).permutation(indices).
-- RANDOM, distributed=True: a torch DistributedSampler(shuffle=True, seed, drop_last=False)
-  built at construction (so torch.distributed must already be initialised; world size and rank
-  come from it), set_epoch(epoch) each epoch: one permutation torch.randperm with generator
-  seed + epoch, identical on all ranks, PADDED by repeating its head up to ceil(N/W)*W, then
-  rank r takes positions r, r+W, r+2W, ... Every rank gets ceil(N/W) samples; when W does not
-  divide N, ceil(N/W)*W - N samples appear twice per epoch (on different ranks). The Loader's
-  drop_last then trims each rank to whole batches. Fine for training, wrong for exact
-  evaluation -> val_loader shards itself with `indices=` and never uses distributed=True.
-- len(loader) = batches per epoch on this rank (drop_last: floor, else ceil).
-Engine pattern: `for e in range(start, epochs): loader.set_epoch(e); for x, y, i in loader:
-pad_crop_flip(x, i, seed, e, pad)` -- explicit, resume-safe, and the augmentation epoch is the
-ordering epoch. (Breaking out of an epoch early still consumes that epoch number.) For
-rgb_jpeg data the decoder reads the same epoch: BetonLoader writes `next_epoch` into the
-decoder right before each iteration.
+Order: `BetonLoader.set_epoch(epoch, view, start_batch)` before each epoch. The shuffle is a
+function of (seed, epoch) (FFCV's RANDOM order; distributed: a DistributedSampler permutation,
+padded to whole shards, which is fine for training but double-counts in evaluation, so
+val_loader shards itself with `indices=`); `view` is the augmentation epoch of the decoder's
+random views (default: epoch); start_batch resumes inside an epoch without reading the batches
+before it. len(loader) = batches per epoch on this rank.
 """
 from __future__ import annotations
 
