@@ -439,6 +439,13 @@ if numba is not None:
             _forward_range(x, d, lo, n, col0, g, decay, threshold, soft, True)
             _reverse_range(gs, gx, d, lo, n, g, decay, alpha, k1, k2, m_spike)
 
+    @_jit(**_OPTS)
+    def _membrane(x, d, decay, threshold, soft):
+        """d = h - threshold of every step, as the backward recomputes it (tests)."""
+        v = np.empty(x.shape[1], x.dtype)
+        start = x.shape[1] - x.shape[1]
+        _forward_range(x, d, start, x.shape[1], start, v, decay, threshold, soft, True)
+
     # ------------------------------------------------------------ threaded tasks
     # Run by every thread of an OpenMP team (GOMP_parallel) through a cfunc: take a scratch
     # slot, then claim column ranges from an atomic counter until none is left (threads that
