@@ -258,6 +258,10 @@ def write_ffcv_main(argv: list[str] | None = None) -> int:
     bundled = sub.add_parser("bundled", help="a dataset that installs with the system (train.beton + val.beton)")
     bundled.add_argument("name", choices=("fmnist", "digits"))
     bundled.add_argument("out_dir", type=Path)
+    cifar = sub.add_parser("cifar", help="an unpacked CIFAR-10/100 python-version archive "
+                           "(cifar-10-batches-py or cifar-100-python) -> train.beton + val.beton (32x32 raw)")
+    cifar.add_argument("src", type=Path, help="the unpacked folder")
+    cifar.add_argument("out_dir", type=Path)
     folder = sub.add_parser("imagefolder", help="an ImageFolder tree SRC/{train,val}/<class>/*.jpg (ImageNet layout): "
                             "RGB images as JPEG and/or raw pixels (train.beton + val.beton)")
     folder.add_argument("src", type=Path, help="directory holding train/ and val/")
@@ -277,6 +281,10 @@ def write_ffcv_main(argv: list[str] | None = None) -> int:
     try:
         if args.source == "bundled":
             written = prepare_bundled(args.name, args.out_dir)
+        elif args.source == "cifar":
+            from fullrange.data.cifar import write_cifar
+
+            written = write_cifar(args.src, args.out_dir)
         else:
             if args.workers < 1:
                 return _fail(f"--workers: expected an integer >= 1, got {args.workers}")

@@ -19,6 +19,7 @@ import yaml
 from fullrange.atomic import write_text_atomic
 from fullrange.losses import LOSS_KINDS, NEEDS_TEACHER, SD_TARGETS
 from fullrange.neuron import BACKENDS, RESETS
+from fullrange.optim import SCHEDULES
 from fullrange.targets import SOURCES
 
 
@@ -73,6 +74,8 @@ class DataConfig:
     val_crop_ratio: float = rule(0.875, gt=0, le=1)  # centre crop / resized short side (224 of 256)
     batches_ahead: int = rule(3, gt=0)               # batches FFCV prepares ahead
     views: int = rule(0, ge=0)                       # random views per sample: 0 a new one every epoch; K cycles K
+    autoaugment: bool = False                        # replayable AutoAugment (CIFAR10Policy) on the device batch
+    cutout: int = rule(0, ge=0)                      # side of one replayable Cutout hole (pixels); 0 disables
 
 
 @dataclass
@@ -84,6 +87,7 @@ class OptimConfig:
     epochs: int = rule(10, gt=0)
     warmup_epochs: float = rule(0.0, ge=0)           # linear warmup, then cosine to 0 (per step)
     grad_clip: float = rule(0.0, ge=0)               # max global grad norm; 0 disables
+    schedule: str = rule("step", choices=SCHEDULES)  # cosine evaluated per step, or per epoch (the official code)
 
 
 @dataclass

@@ -16,7 +16,12 @@ import math
 import torch
 from torch import nn
 
-from fullrange.config import OptimConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # fullrange.config imports SCHEDULES from here
+    from fullrange.config import OptimConfig
+
+SCHEDULES = ("step", "epoch")  # optim.schedule: where the cosine is evaluated
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -29,28 +34,32 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
             {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> torch.optim.SGD:
+def build_optimizer(model: nn.Module, cfg: "OptimConfig", fused: bool = True) -> torch.optim.SGD:
     """SGD over the model's parameters; fused=True (one kernel per step, and it can skip a step
     on a device flag) needs them on the CPU or a GPU."""
     return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
                            nesterov=cfg.nesterov, fused=fused)
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int):
-    """Multiplier on the base lr at optimizer step s: linear warmup, then cosine decay to 0."""
+def warmup_cosine(total_steps: int, warmup_steps: int, steps_per_epoch: int = 1):
+    """Multiplier on the base lr at optimizer step s: linear warmup, then cosine decay to 0.
+    steps_per_epoch > 1: the cosine moves once per epoch (constant within one), as
+    CosineAnnealingLR(T_max=epochs) stepped after every epoch: 0.5 (1 + cos(pi e / E))."""
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        done = (step - warmup_steps) // steps_per_epoch * steps_per_epoch
+        progress = done / max(1, total_steps - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
     return factor
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig,
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: "OptimConfig",
                     steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
     total = cfg.epochs * steps_per_epoch
     warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup))
+    per = steps_per_epoch if cfg.schedule == "epoch" else 1
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, warmup, per))
 
 
 class GuardedStep:

@@ -9,19 +9,27 @@ from fullrange.config import ConfigError, RunConfig, from_dict, load_config, par
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
-@pytest.mark.parametrize("name, run_name", [("fmnist_teacher", "fmnist_teacher"), ("fmnist", "fmnist_fullrange"),
-                                            ("fmnist_skd", "fmnist_skd"), ("cifar100_r19", "cifar100_r19"),
-                                            ("imagenet_r34", "imagenet_r34")])
-def test_shipped_configs_load(name, run_name):
-    assert load_config(CONFIGS / f"{name}.yaml").name == run_name
+def test_shipped_configs_load():
+    names = {p.stem: load_config(p).name for p in CONFIGS.glob("*.yaml")}
+    assert names["fmnist"] == "fmnist_fullrange" and len(names) == 8
+    assert all(n == stem for stem, n in names.items() if stem != "fmnist"), names
 
 
 def test_paper_recipes():
-    c = load_config(CONFIGS / "cifar100_r19.yaml")
-    assert (c.model.T, c.neuron.decay, c.neuron.reset, c.loss.tau, c.optim.lr, c.data.batch_size) == (6, 0.5, "hard", 3.0, 0.1, 128)
+    for name in ("cifar100_r19", "cifar10_r18"):
+        c = load_config(CONFIGS / f"{name}.yaml")
+        assert (c.model.T, c.neuron.decay, c.neuron.reset, c.loss.tau, c.optim.lr, c.data.batch_size) == \
+            (6, 0.5, "hard", 3.0, 0.1, 128)
+        assert (c.data.autoaugment, c.data.cutout, c.optim.schedule, c.optim.epochs, c.loss.sd_target) == \
+            (True, 16, "epoch", 300, "correct_only")
+    for name in ("cifar10_teacher", "cifar100_teacher"):
+        t = load_config(CONFIGS / f"{name}.yaml")
+        assert (t.model.name, t.loss.kind, t.data.autoaugment, t.data.cutout, t.optim.schedule) == \
+            ("resnet34_cifar", "ce", True, 16, "epoch")
     i = load_config(CONFIGS / "imagenet_r34.yaml")
     assert (i.model.T, i.neuron.decay, i.neuron.reset, i.loss.tau, i.optim.lr, i.data.batch_size, i.optim.weight_decay) == \
         (4, 0.2, "soft", 1.0, 0.2, 512, 2e-5)
+    assert (i.model.sync_bn, i.optim.schedule, i.loss.sd_target, i.data.autoaugment) == (True, "epoch", "correct_only", False)
 
 
 def test_base_chain_and_overrides():

@@ -354,3 +354,36 @@ def test_normalize():
     assert cl.dtype == torch.bfloat16 and cl.is_contiguous(memory_format=torch.channels_last)
     with pytest.raises(ValueError, match="3 values"):
         normalize(x, [0.0], [1.0, 1.0])
+
+
+@pytest.mark.parametrize("layout", ["cifar10", "cifar100"])
+def test_cifar_archive_to_beton(tmp_path, layout):
+    """A CIFAR python-version folder (synthetic, same format) -> .beton files holding the same pixels."""
+    import pickle
+
+    from fullrange.cli import write_ffcv_main
+    from fullrange.data import read_sidecar, val_loader
+
+    rng = np.random.default_rng(0)
+    src = tmp_path / "src"
+    src.mkdir()
+    key, files = (b"labels", {"data_batch_1": 6, "data_batch_2": 4, "test_batch": 5}) if layout == "cifar10" else \
+        (b"fine_labels", {"train": 10, "test": 5})
+    planes = {}
+    for name, n in files.items():
+        planes[name] = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": planes[name], key: rng.integers(0, 7, n).tolist()}, f)
+    meta_name, names_key = ("batches.meta", b"label_names") if layout == "cifar10" else ("meta", b"fine_label_names")
+    with open(src / meta_name, "wb") as f:
+        pickle.dump({names_key: [f"c{i}".encode() for i in range(7)]}, f)
+    if layout == "cifar10":  # the other training batches of a real archive
+        for i in range(3, 6):
+            (src / f"data_batch_{i}").write_bytes((src / "data_batch_2").read_bytes())
+    assert write_ffcv_main(["cifar", str(src), str(tmp_path / "out")]) == 0
+    meta = read_sidecar(tmp_path / "out" / "val.beton")
+    assert meta["num_samples"] == 5 and meta["shape"] == [32, 32, 3] and meta["num_classes"] == 7
+    x, _, _ = next(iter(val_loader(tmp_path / "out" / "val.beton", 8, 1, 0, 1)))
+    want = planes["test_batch" if layout == "cifar10" else "test"].reshape(-1, 3, 32, 32)
+    assert np.array_equal(x.numpy(), want)  # channel planes -> [B, C, H, W] unchanged
+    assert write_ffcv_main(["cifar", str(tmp_path / "nothing"), str(tmp_path / "o2")]) == 2

@@ -40,3 +40,25 @@ def test_recipe_trains_one_step(name, size):
     groups = optimizer.param_groups
     assert groups[0]["weight_decay"] == cfg.optim.weight_decay and groups[1]["weight_decay"] == 0.0
     assert all(p.ndim <= 1 for p in groups[1]["params"])
+
+
+@pytest.mark.filterwarnings("ignore:Detected call of")
+def test_epoch_schedule_is_the_official_cosine():
+    """optim.schedule=epoch: torch's CosineAnnealingLR(T_max=epochs) stepped after every epoch."""
+    from fullrange.config import OptimConfig
+    from fullrange.optim import build_scheduler
+
+    cfg, steps = OptimConfig(lr=0.1, epochs=5, schedule="epoch"), 7
+    model = torch.nn.Linear(2, 2)
+    ours = build_optimizer(model, cfg)
+    sched = build_scheduler(ours, cfg, steps)
+    ref_opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    ref = torch.optim.lr_scheduler.CosineAnnealingLR(ref_opt, T_max=5, eta_min=0)
+    for epoch in range(5):
+        for _ in range(steps):
+            assert sched.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0], abs=1e-12)
+            sched.step()
+        ref.step()
+    per_step = build_scheduler(build_optimizer(model, OptimConfig(lr=0.1, epochs=5)), OptimConfig(epochs=5), steps)
+    per_step.step()
+    assert per_step.get_last_lr()[0] < 0.1  # the default moves every step

@@ -57,6 +57,10 @@ def caches(tmp_path_factory, tiny_data, teacher_file):
         r = build(overrides)
         assert r.returncode == 0, r.stderr[-3000:]
         out[k] = (root / f"k{k}", overrides)
+    overrides = cache_config(tiny_data, teacher_file, root / "aa", **{"data.autoaugment": "true", "data.cutout": 8})
+    r = build(overrides)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out["autoaugment"] = (root / "aa", overrides)
     return out
 
 
@@ -88,8 +92,11 @@ def test_records_hand_computed():
         assert torch.allclose(F.softmax(rebuilt / tau, 1), F.softmax(z / tau, 1), atol=2e-3)
 
 
-def test_cached_kd_loss_equals_live_teacher(caches, teacher_file):
-    cache_dir, overrides = caches[10]
+@pytest.mark.parametrize("which", [10, "autoaugment"])
+def test_cached_kd_loss_equals_live_teacher(caches, teacher_file, which):
+    """The cache holds the teacher on exactly the views a student sees (with AutoAugment and
+    Cutout too: the builder replays them)."""
+    cache_dir, overrides = caches[which]
     cfg = load_config(REPO / "configs/fmnist.yaml", overrides)
     teacher = load_teacher(cfg)
     cache = TeacherCache(cache_dir)
@@ -101,6 +108,9 @@ def test_cached_kd_loss_equals_live_teacher(caches, teacher_file):
             live = teacher(x)
         cached = cache.targets(x, idx, view)
         z = torch.randn(cfg.model.T, len(y), cfg.model.num_classes) * 3
+        if which == "autoaugment":  # the augmented views are other views than the plain ones
+            plain = TeacherCache(caches[10][0]).targets(x, idx, view)
+            assert (cached - plain).abs().max() > 0.02  # (a random teacher: logits of size ~0.1; fp16 ~1e-4)
         for loss_fn in (lambda t: full_range_loss(z, y, t, 0.2, 0.5, 3.0)[1]["twkl"],
                         lambda t: skd_loss(z, y, t, 0.2, 3.0)[1]["kd"]):
             a, b = loss_fn(live), loss_fn(cached)

@@ -1,5 +1,6 @@
 """Device batches -> model inputs: the replayable pad-crop-flip (raw files, training only; the
-decoder of rgb_jpeg files has already cropped and flipped), then normalisation with the
+decoder of rgb_jpeg files has already cropped and flipped), AutoAugment and Cutout when the
+ViewSpec asks for them (training only), then normalisation with the
 sidecar's mean/std (pixel units) into `dtype` (the autocast dtype under mixed precision),
 optionally channels_last."""
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import torch
 
 from .augment import pad_crop_flip
+from .autoaugment import autoaugment, cutout
 from .loaders import normalize
 from .spec import ViewSpec
 from .transfer import Batch
@@ -26,9 +28,13 @@ class BatchPreparer:
     def train(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
         """A device Batch -> (inputs dtype [B, C, H, W], labels int64 [B]); the random view of
         each sample is a function of (seed, batch.view, index) only."""
-        images, spec = batch.images, self.spec
+        images, spec, idx = batch.images, self.spec, batch.host_indices
         if self.augment and (spec.pad or spec.flip):
-            images = pad_crop_flip(images, batch.host_indices, spec.seed, batch.view, spec.pad, spec.flip)
+            images = pad_crop_flip(images, idx, spec.seed, batch.view, spec.pad, spec.flip)
+        if spec.autoaugment:  # the official order: crop, flip, CIFAR10Policy, Cutout, normalise
+            images = autoaugment(images, idx, spec.seed, batch.view)
+        if spec.cutout:
+            images = cutout(images, idx, spec.seed, batch.view, spec.cutout)
         return self._finish(images), batch.labels
 
     def eval(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,8 +3,9 @@ per run from the config and passed to the loaders, the batch preparer and the te
 
 Raw small images (image_format "raw") get pad_crop_flip on the device (pad, flip); JPEG/RGB
 files (ImageNet) get the replayable random resized crop in the decoder (image_size, scale,
-ratio, flip) and a centre crop for validation (val_image_size, val_crop_ratio). Every random
-draw is a function of (seed, augmentation epoch, sample index).
+ratio, flip) and a centre crop for validation (val_image_size, val_crop_ratio). Then, for
+either, optionally AutoAugment and Cutout on the device (the official CIFAR recipe). Every
+random draw is a function of (seed, augmentation epoch, sample index).
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ class ViewSpec:
     ratio: tuple[float, float] = DEFAULT_RATIO      # rgb_jpeg: crop aspect range
     val_image_size: int = 224                       # rgb_jpeg: centre-crop output
     val_crop_ratio: float = 0.875                   # rgb_jpeg: centre crop / shorter side
+    autoaugment: bool = False                       # AutoAugment (CIFAR10Policy) after the crop and flip
+    cutout: int = 0                                 # Cutout hole side after AutoAugment (pixels); 0: none
 
     @classmethod
     def from_config(cls, cfg) -> "ViewSpec":
@@ -30,7 +33,8 @@ class ViewSpec:
         d = cfg.data
         return cls(seed=cfg.seed, pad=d.pad, flip=d.flip, image_size=d.image_size,
                    scale=(d.rrc_scale_min, DEFAULT_SCALE[1]), ratio=DEFAULT_RATIO,
-                   val_image_size=d.val_image_size or d.image_size, val_crop_ratio=d.val_crop_ratio)
+                   val_image_size=d.val_image_size or d.image_size, val_crop_ratio=d.val_crop_ratio,
+                   autoaugment=d.autoaugment, cutout=d.cutout)
 
     def recipe(self, meta: dict) -> dict:
         """What decides a training view of the .beton whose sidecar is `meta` (teacher-cache
@@ -40,8 +44,16 @@ class ViewSpec:
 
         decoder = train_decoder(meta, self)
         if decoder is not None:
-            return decoder.recipe()
-        from .augment import AUGMENT_VERSION
+            recipe = decoder.recipe()
+        else:
+            from .augment import AUGMENT_VERSION
 
-        return {"view": f"pad-crop-flip {AUGMENT_VERSION}", "seed": int(self.seed), "pad": int(self.pad),
-                "flip": bool(self.flip)}
+            recipe = {"view": f"pad-crop-flip {AUGMENT_VERSION}", "seed": int(self.seed), "pad": int(self.pad),
+                      "flip": bool(self.flip)}
+        from .autoaugment import AUTOAUGMENT_VERSION, CUTOUT_VERSION
+
+        if self.autoaugment:
+            recipe["autoaugment"] = AUTOAUGMENT_VERSION
+        if self.cutout:
+            recipe["cutout"] = f"{CUTOUT_VERSION} {self.cutout}px"
+        return recipe
