@@ -243,12 +243,12 @@ class Trainer:
             run_dir.mkdir(parents=True, exist_ok=True)
             save_config(self.cfg, run_dir / "config.yaml")
             write_text_atomic(run_dir / "environment.json", json.dumps(describe(self.acc, self.precision), indent=1))
-        if self.cfg.log_with:
-            self.acc.init_trackers("trackers", config=tracker_config(self.cfg))
             self.console.print(f"[bold]{self.cfg.name}[/]: {self.cfg.model.name} T={self.T} loss={self.cfg.loss.kind} "
                                f"on {self.acc.num_processes} process(es){' with DeepSpeed' if self.deepspeed else ''}, "
                                f"precision {self.precision}, {self.steps_per_epoch} steps/epoch x "
                                f"{self.cfg.optim.epochs} epochs")
+        if self.cfg.log_with:
+            self.acc.init_trackers("trackers", config=tracker_config(self.cfg))
         return done
 
     def fit(self) -> Path:
