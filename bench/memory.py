@@ -1,0 +1,89 @@
+"""Benchmark: activation memory of one training step per image, fullrange against SpikingJelly 2.0.
+
+    python bench/memory.py [--cases demo,resnet19]
+
+Per case (the demo student: T=4, batch 128, 28 px; ResNet-19: T=6, batch 16, 32 px) and per
+implementation, each in a fresh process: fullrange as its trainer runs it; SpikingJelly 2.0's
+build of the same network (bench/sj_models.py); and SpikingJelly with its memopt
+(`optimize_memory(level=1, checkpoint_budget="memory", compress=True)`: checkpointing of every
+block plus 1-bit compression of binary inputs; levels 2-4 search CUDA memory and belong in the
+GPU check). Two measures, per image:
+  saved   bytes of the unique storages autograd keeps for the backward (checkpointing hides its
+          recompute from this count, so it flatters checkpointed models);
+  peak    the step's peak memory above the memory before it (peak RSS on the CPU,
+          max_memory_allocated on CUDA; bench/memory_probe.py): what decides.
+Last line: `activation_peak_ratio_vs_spikingjelly_memopt=X`, SpikingJelly memopt's peak over
+fullrange's, the worse (smaller) of the cases: at least 1 means fullrange needs no more.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+from memory_probe import peak_above, saved_bytes  # noqa: E402
+from step import CASES, make_steps  # noqa: E402
+
+IMPLS = ("fullrange", "spikingjelly", "spikingjelly memopt")
+
+
+def measure(case_name: str, impl: str) -> dict:
+    """One (case, implementation) in this process: saved bytes and peak per image."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    case = CASES[case_name]
+    steps = make_steps(case, device, compile_sj=False)
+    B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
+    if impl == "fullrange":
+        step, forward = steps["fullrange"], steps["fullrange"].forward
+    else:
+        step, forward = steps["spikingjelly"], steps["spikingjelly"].forward
+        if impl == "spikingjelly memopt":
+            from spikingjelly.activation_based import memopt
+            from sj_models import Basic, PreAct
+
+            memopt.optimize_memory(step.model, (Basic, PreAct), lambda m: m(step.x, case["T"]), level=1,
+                                   checkpoint_budget="memory", compress=True)
+    step()  # warm-up: kernels, allocator pools
+    peak, _ = peak_above(step, device)
+    return {"case": case_name, "impl": impl, "saved_B_per_img": saved_bytes(forward) / B,
+            "peak_MiB_per_img": peak / B, "batch": B}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="demo,resnet19")
+    p.add_argument("--one", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.one:
+        torch.set_num_threads(2)
+        print("MEM " + json.dumps(measure(*args.one)))
+        return
+    worst = None
+    for case in args.cases.split(","):
+        rows = {}
+        for impl in IMPLS:
+            done = subprocess.run([sys.executable, __file__, "--one", case, impl], capture_output=True, text=True)
+            line = [x for x in done.stdout.splitlines() if x.startswith("MEM ")]
+            if done.returncode or not line:
+                print(f"{case}/{impl}: failed\n{done.stderr[-2000:]}")
+                continue
+            rows[impl] = json.loads(line[-1][4:])
+            r = rows[impl]
+            print(f"{case} {impl:20s} saved {r['saved_B_per_img'] / 2**20:7.2f} MiB/img   peak "
+                  f"{r['peak_MiB_per_img']:7.2f} MiB/img   (batch {r['batch']})")
+        if "fullrange" in rows and "spikingjelly memopt" in rows:
+            ratio = rows["spikingjelly memopt"]["peak_MiB_per_img"] / rows["fullrange"]["peak_MiB_per_img"]
+            print(f"{case}: SpikingJelly memopt peak / fullrange peak = {ratio:.2f}")
+            worst = ratio if worst is None else min(worst, ratio)
+    print(f"activation_peak_ratio_vs_spikingjelly_memopt={worst if worst is not None else float('nan'):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,166 @@
+"""Benchmark: one full training step of the same student built two ways, fullrange and
+SpikingJelly 2.0 (bench/sj_models.py), in one process with interleaved repeats.
+
+    python bench/step.py [--cases demo,resnet19,preact34] [--repeats 7]
+
+A step: forward at T, the full-range loss against fixed (cached) teacher logits, backward, the
+optimizer step. fullrange runs as its trainer does (channels_last where the recipe says so,
+LIF backend auto, the guarded fused SGD); SpikingJelly as a user of it would (its multi-step
+layers, contiguous memory, LIFNode in its default implementation for the device, torch SGD),
+plain and under torch.compile. Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
+batch 16, 32 px), preact ResNet-34 (T=4, 224 px; batch 2 on CPU, 64 on CUDA).
+Prints per case: median step time of each (warm-up 2 steps, then --repeats rounds round-robin),
+their ratio, the step's peak memory above the memory before it (bench/memory_probe.py), and
+for the demo student and ResNet-19 `non_conv_share`: the fraction of fullrange's step time
+(torch.profiler, self time) outside convolution forward and backward. Last line:
+`step_ratio_vs_spikingjelly=X`, the geometric mean over the cases of (SpikingJelly's best
+variant time / fullrange's time): above 1, fullrange is faster.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from memory_probe import peak_above  # noqa: E402
+from sj_models import parity, sj_twin  # noqa: E402
+
+from fullrange.config import OptimConfig  # noqa: E402
+from fullrange.losses import full_range_loss  # noqa: E402
+from fullrange.models import build_model  # noqa: E402
+from fullrange.optim import GuardedStep, build_optimizer  # noqa: E402
+
+CASES = {
+    "demo": dict(model="spiking_resnet_tiny", T=4, batch=128, size=28, channels=1, classes=10, channels_last=True),
+    "resnet19": dict(model="spiking_resnet19_cifar", T=6, batch=16, size=32, channels=3, classes=100,
+                     channels_last=False),
+    "preact34": dict(model="spiking_preact_resnet34", T=4, batch=2, gpu_batch=64, size=224, channels=3,
+                     classes=1000, channels_last=True),
+}
+
+
+class _NoScaler:
+    scaler = None
+
+
+def make_steps(case: dict, device: torch.device, compile_sj: bool) -> dict:
+    """name -> a callable running one training step; all on the same weights and batch. Each has
+    .model, .x (its input batch) and .forward() (the model's forward alone)."""
+    g = torch.Generator().manual_seed(0)
+    B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
+    x = torch.randn(B, case["channels"], case["size"], case["size"], generator=g).to(device)
+    y = torch.randint(0, case["classes"], (B,), generator=g).to(device)
+    z_a = (torch.randn(B, case["classes"], generator=g) * 3).to(device)
+    torch.manual_seed(0)
+    ours = build_model(case["model"], case["classes"], case["channels"]).to(device)
+    twin = sj_twin(case["model"], case["classes"], case["channels"]).to(device)
+    assert parity(ours, twin, x[:2], case["T"]) < 1e-3, "the SpikingJelly twin is not the same network"
+    x_ours = x
+    if case["channels_last"]:
+        ours, x_ours = ours.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
+    opt = build_optimizer(ours, OptimConfig())
+    guarded = GuardedStep(_NoScaler(), opt, list(ours.parameters()), 0.0)
+    sj_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    T = case["T"]
+
+    def step_ours():
+        loss, _ = full_range_loss(ours(x_ours, T), y, z_a, tau=3.0)
+        loss.backward()
+        guarded()
+        opt.zero_grad(set_to_none=True)
+
+    def sj_step(model):
+        def step():
+            loss, _ = full_range_loss(step.model(x, T), y, z_a, tau=3.0)
+            loss.backward()
+            sj_opt.step()
+            sj_opt.zero_grad(set_to_none=True)
+        step.model, step.x, step.forward = model, x, lambda: step.model(x, T)
+        return step
+
+    step_ours.model, step_ours.x, step_ours.forward = ours, x_ours, lambda: ours(x_ours, T)
+    steps = {"fullrange": step_ours, "spikingjelly": sj_step(twin)}
+    if compile_sj:
+        steps["spikingjelly+compile"] = sj_step(torch.compile(twin))
+    return steps
+
+
+def timed(step, device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter() - start
+
+
+def non_conv_share(step, device) -> float:
+    """Fraction of the step's self time outside convolution forward/backward (3 profiled steps)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(3):
+            step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = prof.key_averages()
+    total = sum(getattr(e, attr) for e in events)
+    conv = sum(getattr(e, attr) for e in events if "conv" in e.key.lower())
+    return 1.0 - conv / max(total, 1e-9)
+
+
+def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool) -> dict:
+    steps = make_steps(case, device, compile_sj)
+    for _, step in steps.items():  # warm-up (and compile)
+        for _ in range(2):
+            step()
+    times = {k: [] for k in steps}
+    for _ in range(repeats):
+        for k, step in steps.items():
+            times[k].append(timed(step, device))
+    peaks = {k: peak_above(step, device)[0] for k, step in steps.items()}
+    med = {k: statistics.median(v) for k, v in times.items()}
+    sj_best = min(v for k, v in med.items() if k.startswith("spikingjelly"))
+    out = {"case": name, "ms": {k: 1e3 * v for k, v in med.items()}, "peak_mib": peaks,
+           "ratio": sj_best / med["fullrange"]}
+    if name in ("demo", "resnet19"):
+        out["non_conv_share"] = non_conv_share(steps["fullrange"], device)
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--cases", default="demo,resnet19,preact34")
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (CPU only)")
+    p.add_argument("--no-compile", action="store_true", help="skip SpikingJelly under torch.compile")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    print(f"one training step, {where}; medians of {args.repeats} interleaved repeats")
+    ratios = []
+    for name in args.cases.split(","):
+        r = run_case(name, CASES[name], device, args.repeats, not args.no_compile)
+        ratios.append(r["ratio"])
+        times = ", ".join(f"{k} {v:.1f} ms" for k, v in r["ms"].items())
+        peaks = ", ".join(f"{k} {v:.0f} MiB" for k, v in r["peak_mib"].items())
+        print(f"{name}: {times}; peak above start: {peaks}; SpikingJelly best / fullrange = {r['ratio']:.2f}x")
+        if "non_conv_share" in r:
+            print(f"{name}: non_conv_share={r['non_conv_share']:.2f}")
+    print(f"step_ratio_vs_spikingjelly={math.exp(statistics.fmean(math.log(v) for v in ratios)):.3f}")
+
+
+if __name__ == "__main__":
+    main()
