@@ -12,8 +12,10 @@ GPU check). Two measures, per image:
           recompute from this count, so it flatters checkpointed models);
   peak    the step's peak memory above the memory before it (peak RSS on the CPU,
           max_memory_allocated on CUDA; bench/memory_probe.py): what decides.
-Last line: `activation_peak_ratio_vs_spikingjelly_memopt=X`, SpikingJelly memopt's peak over
-fullrange's, the worse (smaller) of the cases: at least 1 means fullrange needs no more.
+fullrange runs in each memory mode (model.memory: default, spikes_1bit, checkpoint). Last line:
+`activation_peak_ratio_vs_spikingjelly_memopt=X`, SpikingJelly memopt's peak over the peak of
+fullrange's leanest mode, the worse (smaller) of the cases: at least 1 means fullrange needs no
+more.
 """
 from __future__ import annotations
 
@@ -31,17 +33,19 @@ sys.path.insert(0, str(HERE))
 from memory_probe import peak_above, saved_bytes  # noqa: E402
 from step import CASES, make_steps  # noqa: E402
 
-IMPLS = ("fullrange", "spikingjelly", "spikingjelly memopt")
+IMPLS = ("fullrange", "fullrange spikes_1bit", "fullrange checkpoint", "spikingjelly", "spikingjelly memopt")
 
 
 def measure(case_name: str, impl: str) -> dict:
     """One (case, implementation) in this process: saved bytes and peak per image."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = CASES[case_name]
-    steps = make_steps(case, device, compile_sj=False)
+    mode = impl.split()[1] if impl.startswith("fullrange ") else "default"
+    steps = make_steps(case, device, compile_sj=False, memory_modes=(mode,))
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
-    if impl == "fullrange":
-        step, forward = steps["fullrange"], steps["fullrange"].forward
+    if impl.startswith("fullrange"):
+        step = steps[impl]
+        forward = step.forward
     else:
         step, forward = steps["spikingjelly"], steps["spikingjelly"].forward
         if impl == "spikingjelly memopt":
@@ -76,11 +80,16 @@ def main(argv=None) -> None:
                 continue
             rows[impl] = json.loads(line[-1][4:])
             r = rows[impl]
-            print(f"{case} {impl:20s} saved {r['saved_B_per_img'] / 2**20:7.2f} MiB/img   peak "
+            print(f"{case} {impl:22s} saved {r['saved_B_per_img'] / 2**20:7.2f} MiB/img   peak "
                   f"{r['peak_MiB_per_img']:7.2f} MiB/img   (batch {r['batch']})")
-        if "fullrange" in rows and "spikingjelly memopt" in rows:
-            ratio = rows["spikingjelly memopt"]["peak_MiB_per_img"] / rows["fullrange"]["peak_MiB_per_img"]
-            print(f"{case}: SpikingJelly memopt peak / fullrange peak = {ratio:.2f}")
+        ours = {k: r["peak_MiB_per_img"] for k, r in rows.items() if k.startswith("fullrange")}
+        if "fullrange" in ours:
+            print(f"{case}: fullrange default peak / each mode: " + ", ".join(
+                f"{k.split()[1]} {ours['fullrange'] / v:.2f}x" for k, v in ours.items() if k != "fullrange"))
+        if ours and "spikingjelly memopt" in rows:
+            leanest = min(ours, key=ours.get)
+            ratio = rows["spikingjelly memopt"]["peak_MiB_per_img"] / ours[leanest]
+            print(f"{case}: SpikingJelly memopt peak / {leanest} peak = {ratio:.2f}")
             worst = ratio if worst is None else min(worst, ratio)
     print(f"activation_peak_ratio_vs_spikingjelly_memopt={worst if worst is not None else float('nan'):.3f}")
 

@@ -9,6 +9,7 @@ LIF backend auto, the guarded fused SGD); SpikingJelly as a user of it would (it
 layers, contiguous memory, LIFNode in its default implementation for the device, torch SGD),
 plain and under torch.compile. Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
 batch 16, 32 px), preact ResNet-34 (T=4, 224 px; batch 2 on CPU, 64 on CUDA).
+fullrange also runs in each memory mode (model.memory: spikes_1bit, checkpoint), on its own copy.
 Prints per case: median step time of each (warm-up 2 steps, then --repeats rounds round-robin),
 their ratio, the step's peak memory above the memory before it (bench/memory_probe.py), and
 for the demo student and ResNet-19 `non_conv_share`: the fraction of fullrange's step time
@@ -19,6 +20,7 @@ variant time / fullrange's time): above 1, fullrange is faster.
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import statistics
 import sys
@@ -35,6 +37,7 @@ from sj_models import parity, sj_twin  # noqa: E402
 from fullrange.config import OptimConfig  # noqa: E402
 from fullrange.losses import full_range_loss  # noqa: E402
 from fullrange.models import build_model  # noqa: E402
+from fullrange.models.memory import MEMORY_MODES, set_memory  # noqa: E402
 from fullrange.optim import GuardedStep, build_optimizer  # noqa: E402
 
 CASES = {
@@ -50,9 +53,24 @@ class _NoScaler:
     scaler = None
 
 
-def make_steps(case: dict, device: torch.device, compile_sj: bool) -> dict:
+def _fullrange_step(model, x, y, z_a, T):
+    """One fullrange training step on `model` (as its trainer runs it: the guarded fused SGD)."""
+    opt = build_optimizer(model, OptimConfig())
+    guarded = GuardedStep(_NoScaler(), opt, list(model.parameters()), 0.0)
+
+    def step():
+        loss, _ = full_range_loss(model(x, T), y, z_a, tau=3.0)
+        loss.backward()
+        guarded()
+        opt.zero_grad(set_to_none=True)
+    step.model, step.x, step.forward = model, x, lambda: model(x, T)
+    return step
+
+
+def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=("default",)) -> dict:
     """name -> a callable running one training step; all on the same weights and batch. Each has
-    .model, .x (its input batch) and .forward() (the model's forward alone)."""
+    .model, .x (its input batch) and .forward() (the model's forward alone). fullrange runs once
+    per memory mode ("fullrange", "fullrange spikes_1bit", ...)."""
     g = torch.Generator().manual_seed(0)
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
     x = torch.randn(B, case["channels"], case["size"], case["size"], generator=g).to(device)
@@ -65,16 +83,12 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool) -> dict:
     x_ours = x
     if case["channels_last"]:
         ours, x_ours = ours.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
-    opt = build_optimizer(ours, OptimConfig())
-    guarded = GuardedStep(_NoScaler(), opt, list(ours.parameters()), 0.0)
-    sj_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     T = case["T"]
-
-    def step_ours():
-        loss, _ = full_range_loss(ours(x_ours, T), y, z_a, tau=3.0)
-        loss.backward()
-        guarded()
-        opt.zero_grad(set_to_none=True)
+    steps = {}
+    for mode in memory_modes:
+        model = ours if mode == "default" else set_memory(copy.deepcopy(ours), mode)
+        steps["fullrange" if mode == "default" else f"fullrange {mode}"] = _fullrange_step(model, x_ours, y, z_a, T)
+    sj_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def sj_step(model):
         def step():
@@ -85,8 +99,7 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool) -> dict:
         step.model, step.x, step.forward = model, x, lambda: step.model(x, T)
         return step
 
-    step_ours.model, step_ours.x, step_ours.forward = ours, x_ours, lambda: ours(x_ours, T)
-    steps = {"fullrange": step_ours, "spikingjelly": sj_step(twin)}
+    steps["spikingjelly"] = sj_step(twin)
     if compile_sj:
         steps["spikingjelly+compile"] = sj_step(torch.compile(twin))
     return steps
@@ -120,7 +133,7 @@ def non_conv_share(step, device) -> float:
 
 
 def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool) -> dict:
-    steps = make_steps(case, device, compile_sj)
+    steps = make_steps(case, device, compile_sj, MEMORY_MODES)
     for _, step in steps.items():  # warm-up (and compile)
         for _ in range(2):
             step()
@@ -130,7 +143,7 @@ def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool) -> d
             times[k].append(timed(step, device))
     peaks = {k: peak_above(step, device)[0] for k, step in steps.items()}
     med = {k: statistics.median(v) for k, v in times.items()}
-    sj_best = min(v for k, v in med.items() if k.startswith("spikingjelly"))
+    sj_best = min(v for k, v in med.items() if k.startswith("spikingjelly"))  # ratio: default mode
     out = {"case": name, "ms": {k: 1e3 * v for k, v in med.items()}, "peak_mib": peaks,
            "ratio": sj_best / med["fullrange"]}
     if name in ("demo", "resnet19"):
@@ -157,6 +170,9 @@ def main(argv=None) -> None:
         times = ", ".join(f"{k} {v:.1f} ms" for k, v in r["ms"].items())
         peaks = ", ".join(f"{k} {v:.0f} MiB" for k, v in r["peak_mib"].items())
         print(f"{name}: {times}; peak above start: {peaks}; SpikingJelly best / fullrange = {r['ratio']:.2f}x")
+        cost = ", ".join(f"{k.split()[1]} {v / r['ms']['fullrange']:.2f}x" for k, v in r["ms"].items()
+                         if k.startswith("fullrange "))
+        print(f"{name}: step time of each memory mode / default: {cost}")
         if "non_conv_share" in r:
             print(f"{name}: non_conv_share={r['non_conv_share']:.2f}")
     print(f"step_ratio_vs_spikingjelly={math.exp(statistics.fmean(math.log(v) for v in ratios)):.3f}")

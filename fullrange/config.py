@@ -18,6 +18,7 @@ import yaml
 
 from fullrange.atomic import write_text_atomic
 from fullrange.losses import LOSS_KINDS, NEEDS_TEACHER, SD_TARGETS
+from fullrange.models.memory import MEMORY_MODES
 from fullrange.neuron import BACKENDS, RESETS
 from fullrange.optim import SCHEDULES
 from fullrange.targets import SOURCES
@@ -45,6 +46,7 @@ class ModelConfig:
     num_classes: int = rule(10, gt=0)
     in_channels: int = rule(1, gt=0)
     sync_bn: bool = False                            # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
+    memory: str = rule("default", choices=MEMORY_MODES)  # students: spikes_1bit (bit-packed spike inputs), checkpoint (blocks recomputed)
 
 
 @dataclass
@@ -260,6 +262,9 @@ def validate(cfg: RunConfig) -> None:
         name = get_key(cfg, key)
         if (name or key == "model.name") and name not in MODEL_NAMES:
             raise ConfigError(f"config key {key}: unknown model {name!r}; known: {', '.join(MODEL_NAMES)}")
+    if not is_spiking(cfg.model.name) and cfg.model.memory != "default":
+        raise ConfigError(f"config key model.memory: memory modes are for spiking students; an ANN model "
+                          f"({cfg.model.name}) takes 'default', got {cfg.model.memory!r}")
     if not is_spiking(cfg.model.name) and cfg.loss.kind != "ce":
         raise ConfigError(f"config key loss.kind: an ANN model ({cfg.model.name}) trains with 'ce', "
                           f"got {cfg.loss.kind!r}")

@@ -36,6 +36,7 @@ from fullrange.inputs import check_inputs
 from fullrange.losses import NEEDS_TEACHER, student_loss
 from fullrange.metrics import MetricsLog, StepClock, trim_metrics
 from fullrange.models import build_model, is_spiking
+from fullrange.models.memory import set_memory
 from fullrange.optim import GuardedStep, build_optimizer, build_scheduler
 from fullrange.preemption import EXIT_REQUEUE, NonFiniteLoss, Preempted, StopCheck, StopSignals, write_requeue_file
 from fullrange.progress import progress_bar
@@ -47,9 +48,12 @@ StepHook = Callable[[int, nn.Module], None]  # called after every optimizer step
 
 
 def build_model_for(cfg: RunConfig, acc: Accelerator, console: Console) -> nn.Module:
-    """The student or teacher of cfg, with SyncBatchNorm (model.sync_bn, multi-process CUDA) and
-    channels_last weights (data.channels_last, not under DeepSpeed)."""
+    """The student or teacher of cfg, in its memory mode (model.memory, students), with
+    SyncBatchNorm (model.sync_bn, multi-process CUDA) and channels_last weights (data.channels_last,
+    not under DeepSpeed)."""
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
+    if is_spiking(cfg.model.name):
+        set_memory(model, cfg.model.memory)
     if cfg.model.sync_bn and acc.num_processes > 1:
         if acc.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

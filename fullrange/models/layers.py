@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
+from fullrange.models.memory import SpikeConv2d
 from fullrange.neuron import LIF
 
 
@@ -30,15 +31,6 @@ class MergedLIF(LIF):
             return out.view(xp.shape).permute(0, 3, 1, 2)
         x = x.contiguous()
         return super().forward(x.view(T, B, *x.shape[1:])).view(x.shape)
-
-
-class TimeSequential(nn.Sequential):
-    """nn.Sequential whose children take (x, T); keeps torchvision-style keys (layer1.0.conv1)."""
-
-    def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
-        for block in self:
-            x = block(x, T)
-        return x
 
 
 def encode_direct(x: torch.Tensor, T: Optional[int]) -> Tuple[torch.Tensor, int]:
@@ -73,16 +65,18 @@ def kaiming_init(model: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-def conv3x3(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=3, stride=stride, padding=1, bias=False)
+def conv3x3(cin: int, cout: int, stride: int = 1, spikes_in: bool = False) -> nn.Conv2d:
+    """3x3 conv, no bias; a SpikeConv2d (bit-packable input) when its input is a spike tensor."""
+    return (SpikeConv2d if spikes_in else nn.Conv2d)(cin, cout, kernel_size=3, stride=stride, padding=1,
+                                                      bias=False)
 
 
-def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv2d:
-    return nn.Conv2d(cin, cout, kernel_size=1, stride=stride, bias=False)
+def conv1x1(cin: int, cout: int, stride: int = 1, spikes_in: bool = False) -> nn.Conv2d:
+    return (SpikeConv2d if spikes_in else nn.Conv2d)(cin, cout, kernel_size=1, stride=stride, bias=False)
 
 
-def downsample(in_planes: int, planes: int, stride: int) -> Optional[nn.Sequential]:
+def downsample(in_planes: int, planes: int, stride: int, spikes_in: bool = False) -> Optional[nn.Sequential]:
     """1x1 conv + BN shortcut when the block changes shape (torchvision keys downsample.0/.1), else None."""
     if stride == 1 and in_planes == planes:
         return None
-    return nn.Sequential(conv1x1(in_planes, planes, stride), nn.BatchNorm2d(planes))
+    return nn.Sequential(conv1x1(in_planes, planes, stride, spikes_in), nn.BatchNorm2d(planes))

@@ -15,12 +15,14 @@ checkpoint. Default neuron: decay 0.2, soft reset (the ImageNet recipe); `neuron
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, TimeSequential, conv3x3, downsample, encode_direct, kaiming_init
+from fullrange.models.layers import MergedLIF, conv3x3, downsample, encode_direct, kaiming_init
+from fullrange.models.memory import MemoryModes
 
 IMAGENET_NEURON = {"decay": 0.2, "reset": "soft"}
 
@@ -31,10 +33,10 @@ class SpikingPreActBlock(nn.Module):
     def __init__(self, in_planes: int, planes: int, stride: int, neuron: dict) -> None:
         super().__init__()
         self.lif1 = MergedLIF(**neuron)
-        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.conv1 = conv3x3(in_planes, planes, stride, spikes_in=True)
         self.bn1 = nn.BatchNorm2d(planes)
         self.lif2 = MergedLIF(**neuron)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes, spikes_in=True)
         self.bn2 = nn.BatchNorm2d(planes)
         self.downsample = downsample(in_planes, planes, stride)
 
@@ -44,7 +46,7 @@ class SpikingPreActBlock(nn.Module):
         return out + (x if self.downsample is None else self.downsample(x))
 
 
-class SpikingPreActResNet(nn.Module):
+class SpikingPreActResNet(MemoryModes):
     """Pre-activation spiking ResNet with the ImageNet stem (7x7/2 conv + max-pool)."""
 
     def __init__(self, stage_blocks: Sequence[int], widths: Sequence[int], num_classes: int,
@@ -63,7 +65,7 @@ class SpikingPreActResNet(nn.Module):
                 stride = 2 if (i > 0 and j == 0) else 1
                 blocks.append(SpikingPreActBlock(in_planes, w, stride, neuron))
                 in_planes = w
-            self.add_module(f"layer{i + 1}", TimeSequential(*blocks))
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(in_planes, num_classes)
         kaiming_init(self)
@@ -71,9 +73,10 @@ class SpikingPreActResNet(nn.Module):
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
         x, T = encode_direct(x, T)
-        x = self.maxpool(self.bn1(self.conv1(x)))
+        x = self.segment(lambda z: self.maxpool(self.bn1(self.conv1(z))), x, (self.conv1, self.bn1), spikes=False)
         for i in range(self.num_stages):
-            x = getattr(self, f"layer{i + 1}")(x, T)
+            for block in getattr(self, f"layer{i + 1}"):
+                x = self.segment(partial(block, T=T), x, (block,), spikes=False)
         x = self.fc(torch.flatten(self.avgpool(x), 1))
         return x.view(T, -1, x.shape[-1])
 

@@ -14,12 +14,14 @@ Init as the official CIFAR code: PyTorch's defaults (Kaiming-uniform convs and L
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, TimeSequential, conv3x3, downsample, encode_direct
+from fullrange.models.layers import MergedLIF, conv3x3, downsample, encode_direct
+from fullrange.models.memory import MemoryModes, SpikeLinear
 
 
 class SpikingBasicBlock(nn.Module):
@@ -27,12 +29,12 @@ class SpikingBasicBlock(nn.Module):
 
     def __init__(self, in_planes: int, planes: int, stride: int, neuron: dict) -> None:
         super().__init__()
-        self.conv1 = conv3x3(in_planes, planes, stride)
+        self.conv1 = conv3x3(in_planes, planes, stride, spikes_in=True)
         self.bn1 = nn.BatchNorm2d(planes)
         self.lif1 = MergedLIF(**neuron)
-        self.conv2 = conv3x3(planes, planes)
+        self.conv2 = conv3x3(planes, planes, spikes_in=True)
         self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = downsample(in_planes, planes, stride)
+        self.downsample = downsample(in_planes, planes, stride, spikes_in=True)
         self.lif2 = MergedLIF(**neuron)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
@@ -42,7 +44,7 @@ class SpikingBasicBlock(nn.Module):
         return self.lif2(out, T)
 
 
-class SpikingResNet(nn.Module):
+class SpikingResNet(MemoryModes):
     """Generic CIFAR-style spiking ResNet (3x3 stride-1 stem, no max-pool).
 
     Args:
@@ -77,7 +79,7 @@ class SpikingResNet(nn.Module):
             for j in range(n):
                 blocks.append(SpikingBasicBlock(in_planes, w, s if j == 0 else 1, neuron))
                 in_planes = w
-            self.add_module(f"layer{i + 1}", TimeSequential(*blocks))
+            self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         if hidden:
             self.head_fc = nn.Linear(in_planes, hidden)
@@ -85,14 +87,15 @@ class SpikingResNet(nn.Module):
             in_planes = hidden
         else:
             self.head_fc, self.head_lif = None, None
-        self.fc = nn.Linear(in_planes, num_classes)
+        self.fc = (SpikeLinear if hidden else nn.Linear)(in_planes, num_classes)
 
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
         x, T = encode_direct(x, T)
-        x = self.lif1(self.bn1(self.conv1(x)), T)
+        x = self.segment(lambda z: self.lif1(self.bn1(self.conv1(z)), T), x, (self.conv1, self.bn1), spikes=False)
         for i in range(self.num_stages):
-            x = getattr(self, f"layer{i + 1}")(x, T)
+            for block in getattr(self, f"layer{i + 1}"):
+                x = self.segment(partial(block, T=T), x, (block,), spikes=True)
         x = torch.flatten(self.avgpool(x), 1)
         if self.head_fc is not None:
             x = self.head_lif(self.head_fc(x), T)

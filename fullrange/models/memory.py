@@ -1,0 +1,250 @@
+"""Spike-aware activation memory for the spiking students: `model.memory`.
+
+    default      autograd saves what each op's backward needs (conv/linear inputs, BN inputs,
+                 the LIF's h - threshold), in the compute dtype.
+    spikes_1bit  a conv or linear whose input is a spike tensor (every value 0 or 1) saves that
+                 input bit-packed, 1 bit per element instead of 2-4 bytes; its backward unpacks
+                 it and calls the same ATen backward as autograd, so gradients are bit-identical.
+    checkpoint   every residual block (and the stem) is recomputed in the backward: a block
+                 keeps only its input (bit-packed when it is a spike tensor) and its forward runs
+                 a second time, in the backward, under the forward's autocast state; BatchNorm
+                 running statistics are restored after the recompute, so they update once.
+
+Every mode gives the same spikes, logits, gradients and running statistics as `default`
+(tests/test_memory_modes.py); only the memory held between forward and backward and the time
+differ (bench/memory.py, bench/step.py). Inference (no_grad, eval) runs the plain modules.
+"""
+from __future__ import annotations
+
+from typing import Callable, Iterable, List, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+MEMORY_MODES = ("default", "spikes_1bit", "checkpoint")
+_BITS = 8
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    return torch.tensor([1 << i for i in range(_BITS)], dtype=torch.uint8, device=device)
+
+
+def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """x as a contiguous tensor in its own memory order, and whether that order is NHWC."""
+    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    return (x.permute(0, 2, 3, 1) if nhwc else x.contiguous()), nhwc
+
+
+def pack_spikes(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+    """Spike tensor x[...] (values 0/1, any float dtype; contiguous or channels_last) ->
+    (bits uint8[ceil(numel / 8)], meta). Element i of x in memory order is bit i % 8 of byte i // 8.
+    Values other than 0 and 1 are not representable: any non-zero value unpacks as 1."""
+    flat, nhwc = _memory_order(x)
+    n = flat.numel()
+    b = flat.reshape(-1).ne(0).to(torch.uint8)
+    if n % _BITS:
+        b = torch.cat([b, b.new_zeros(_BITS - n % _BITS)])
+    bits = b.view(-1, _BITS).mul_(_bit_weights(x.device)).sum(1, dtype=torch.uint8)
+    return bits, (tuple(flat.shape), x.dtype, nhwc)
+
+
+def unpack_spikes(bits: torch.Tensor, meta: tuple) -> torch.Tensor:
+    """Inverse of pack_spikes: the spike tensor, with its shape, dtype and memory format."""
+    shape, dtype, nhwc = meta
+    n = 1
+    for s in shape:
+        n *= s
+    flat = bits.unsqueeze(1).bitwise_and(_bit_weights(bits.device)).ne(0).view(-1)[:n]
+    x = flat.to(dtype).view(shape)
+    return x.permute(0, 3, 1, 2) if nhwc else x
+
+
+def _autocast_dtype(device_type: str):
+    """The dtype autocast would run a conv/linear in on this device now, or None."""
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+class _PackedInputConv(torch.autograd.Function):
+    """conv2d(x, w, b) that saves x bit-packed; backward = aten.convolution_backward (autograd's)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, conv: nn.Conv2d):
+        cast = _autocast_dtype(x.device.type)
+        xc, wc = (x, weight) if cast is None else (x.to(cast), weight.to(cast))
+        bc = bias if cast is None or bias is None else bias.to(cast)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.conv2d(xc, wc, bc, conv.stride, conv.padding, conv.dilation, conv.groups)
+        bits, ctx.meta = pack_spikes(xc)
+        ctx.save_for_backward(bits, weight)
+        ctx.args = (conv.stride, conv.padding, conv.dilation, conv.groups, cast, x.dtype, bias is not None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        bits, weight = ctx.saved_tensors
+        stride, padding, dilation, groups, cast, x_dtype, has_bias = ctx.args
+        x = unpack_spikes(bits, ctx.meta)
+        w = weight if cast is None else weight.to(cast)
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], has_bias and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out, x, w, [w.shape[0]] if has_bias else None, list(stride), list(padding), list(dilation),
+            False, [0, 0], groups, mask)
+        gx = None if gx is None else gx.to(x_dtype)
+        gw = None if gw is None else gw.to(weight.dtype)
+        gb = None if gb is None else gb.to(weight.dtype)
+        return gx, gw, gb, None
+
+
+class _PackedInputLinear(torch.autograd.Function):
+    """linear(x[N, in], w, b) that saves x bit-packed; backward: the mm formulas of autograd."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        cast = _autocast_dtype(x.device.type)
+        xc, wc = (x, weight) if cast is None else (x.to(cast), weight.to(cast))
+        bc = bias if cast is None or bias is None else bias.to(cast)
+        with torch.autocast(x.device.type, enabled=False):
+            out = F.linear(xc, wc, bc)
+        bits, ctx.meta = pack_spikes(xc)
+        ctx.save_for_backward(bits, weight)
+        ctx.args = (cast, x.dtype, bias is not None)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        bits, weight = ctx.saved_tensors
+        cast, x_dtype, has_bias = ctx.args
+        x = unpack_spikes(bits, ctx.meta)
+        w = weight if cast is None else weight.to(cast)
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        gx = grad_out.matmul(w).to(x_dtype) if ctx.needs_input_grad[0] else None
+        gw = g2.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0).to(weight.dtype) if has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb
+
+
+def _packing(module: nn.Module, x: torch.Tensor) -> bool:
+    return module.pack_input and torch.is_grad_enabled() and (
+        x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False)))
+
+
+class SpikeConv2d(nn.Conv2d):
+    """nn.Conv2d whose input is a spike tensor (0/1). With `pack_input` (set by set_memory) and
+    autograd recording it saves that input bit-packed; otherwise it is nn.Conv2d. Same
+    parameters and state_dict keys as nn.Conv2d. x[N, Cin, H, W] -> [N, Cout, H', W']."""
+
+    pack_input = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _packing(self, x) or self.padding_mode != "zeros":
+            return super().forward(x)
+        return _PackedInputConv.apply(x, self.weight, self.bias, self)
+
+
+class SpikeLinear(nn.Linear):
+    """nn.Linear whose input is a spike tensor; bit-packed saving as SpikeConv2d. x[..., in] -> [..., out]."""
+
+    pack_input = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _packing(self, x):
+            return super().forward(x)
+        return _PackedInputLinear.apply(x, self.weight, self.bias)
+
+
+def _bn_buffers(modules: Iterable[nn.Module]) -> List[torch.Tensor]:
+    return [b for m in modules for mod in m.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+            for b in mod.buffers(recurse=False)]
+
+
+class _Recompute(torch.autograd.Function):
+    """out = run(x), keeping only x (bit-packed when `spikes`) for the backward, which runs
+    run(x) again with autograd and differentiates it. params: every parameter run uses."""
+
+    @staticmethod
+    def forward(ctx, run: Callable, modules: Sequence[nn.Module], spikes: bool, x, *params):
+        ctx.run, ctx.modules, ctx.spikes = run, modules, spikes
+        device_type = x.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        with torch.no_grad():
+            out = run(x)
+        if spikes:
+            bits, ctx.meta = pack_spikes(x)
+            ctx.save_for_backward(bits)
+        else:
+            ctx.save_for_backward(x)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        (saved,) = ctx.saved_tensors
+        x = unpack_spikes(saved, ctx.meta) if ctx.spikes else saved
+        x = x.detach().requires_grad_(ctx.needs_input_grad[3])
+        params = [p for p, need in zip(_params(ctx.modules), ctx.needs_input_grad[4:]) if need]
+        device_type, enabled, dtype = ctx.autocast
+        stats = [b.clone() for b in _bn_buffers(ctx.modules)]
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            out = ctx.run(x)
+        wrt = ([x] if x.requires_grad else []) + params
+        grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
+        with torch.no_grad():  # after the grad: BatchNorm's backward version-checks its buffers
+            for b, old in zip(_bn_buffers(ctx.modules), stats):
+                b.copy_(old)
+        gx = next(grads) if x.requires_grad else None
+        gparams = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
+        return (None, None, None, gx, *gparams)
+
+
+def _params(modules: Sequence[nn.Module]) -> List[torch.Tensor]:
+    return [p for m in modules for p in m.parameters()]
+
+
+def recomputed(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, modules: Sequence[nn.Module],
+               spikes: bool) -> torch.Tensor:
+    """run(x) whose activations are recomputed in the backward instead of kept (checkpoint mode).
+
+    modules: every module run uses (their parameters get gradients, their BatchNorm running
+    statistics are restored after the recompute). spikes: x is a spike tensor (kept bit-packed).
+    Without autograd recording this is run(x)."""
+    params = _params(modules)
+    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
+        return run(x)
+    return _Recompute.apply(run, modules, spikes, x, *params)
+
+
+class MemoryModes(nn.Module):
+    """Base of the spiking students: `memory` (one of MEMORY_MODES, set by set_memory) and
+    segment(), through which their forward runs the stem and every block."""
+
+    memory = "default"
+
+    def segment(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                modules: Sequence[nn.Module], spikes: bool) -> torch.Tensor:
+        """run(x), recomputed in the backward in checkpoint mode (see recomputed)."""
+        return recomputed(run, x, modules, spikes) if self.memory == "checkpoint" else run(x)
+
+
+def check_memory_mode(mode: str) -> None:
+    if mode not in MEMORY_MODES:
+        raise ValueError(f"model.memory must be one of {MEMORY_MODES}, got {mode!r}")
+
+
+def set_memory(model: nn.Module, mode: str) -> nn.Module:
+    """Put a spiking student in a memory mode (see the module docstring); returns the model.
+
+    The model must be a MemoryModes (its forward reads `memory` to decide what to recompute);
+    its SpikeConv2d / SpikeLinear layers pack their inputs in spikes_1bit."""
+    check_memory_mode(mode)
+    if not isinstance(model, MemoryModes):
+        raise ValueError(f"model.memory={mode!r}: {type(model).__name__} has no memory modes "
+                         f"(only the spiking students do)")
+    model.memory = mode
+    for m in model.modules():
+        if isinstance(m, (SpikeConv2d, SpikeLinear)):
+            m.pack_input = mode == "spikes_1bit"
+    return model

@@ -1,0 +1,156 @@
+"""model.memory: bit-packed spike inputs and block recomputation give exactly the default
+mode's spikes, logits, gradients and BatchNorm statistics, while keeping less for the backward."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from fullrange.config import ConfigError, load_config
+from fullrange.models import build_model
+from fullrange.models.memory import MEMORY_MODES, SpikeConv2d, pack_spikes, set_memory, unpack_spikes
+from fullrange.models.spiking_preact_resnet import SpikingPreActResNet
+from fullrange.models.spiking_resnet import SpikingResNet
+
+
+def _spikes(shape, generator, dtype=torch.float32):
+    return (torch.rand(shape, generator=generator) < 0.3).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 7, 2), (13,), (2, 8), (4, 3, 5, 5)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_pack_matches_numpy_packbits_and_round_trips(shape, dtype):
+    g = torch.Generator().manual_seed(len(shape))
+    x = _spikes(shape, g, dtype)
+    bits, meta = pack_spikes(x)
+    expected = np.packbits(x.to(torch.float32).numpy().reshape(-1).astype(np.uint8), bitorder="little")
+    assert bits.dtype == torch.uint8 and bits.numel() == -(-x.numel() // 8)
+    assert np.array_equal(bits.numpy(), expected)
+    back = unpack_spikes(bits, meta)
+    assert back.dtype == dtype and back.shape == x.shape and torch.equal(back, x)
+
+
+def test_pack_keeps_channels_last_layout():
+    g = torch.Generator().manual_seed(1)
+    x = _spikes((2, 3, 4, 5), g).contiguous(memory_format=torch.channels_last)
+    bits, meta = pack_spikes(x)
+    nhwc = x.permute(0, 2, 3, 1).numpy().reshape(-1).astype(np.uint8)
+    assert np.array_equal(bits.numpy(), np.packbits(nhwc, bitorder="little"))
+    back = unpack_spikes(bits, meta)
+    assert torch.equal(back, x) and back.is_contiguous(memory_format=torch.channels_last)
+
+
+def _small_models(reset):
+    neuron = {"reset": reset, "decay": 0.5 if reset == "hard" else 0.2}
+    torch.manual_seed(0)
+    cifar = SpikingResNet((1, 2), (8, 16), 5, in_channels=3, stem_channels=8, hidden=12, neuron=neuron)
+    torch.manual_seed(0)
+    preact = SpikingPreActResNet((1, 1), (8, 16), 5, in_channels=3, neuron=neuron)
+    return {"cifar": cifar, "preact": preact}
+
+
+def _step(model, x, T, autocast=False):
+    """Forward + backward of a fixed linear functional of the logits -> (logits, grads, buffers)."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = model(x, T)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out.float() * weights).sum().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters()}
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    return out.detach(), grads, buffers
+
+
+def _assert_same(a, b, exact=True):
+    out_a, grads_a, buf_a = a
+    out_b, grads_b, buf_b = b
+    assert torch.equal(out_a, out_b)
+    for k in grads_a:
+        if exact and not k.startswith("fc."):  # fc: packed linear uses the mm formulas (last bits)
+            assert torch.equal(grads_a[k], grads_b[k]), k
+        else:
+            torch.testing.assert_close(grads_a[k], grads_b[k], rtol=1e-5, atol=1e-6, msg=k)
+    for k in buf_a:
+        assert torch.equal(buf_a[k], buf_b[k]), k
+
+
+@pytest.mark.parametrize("reset", ["hard", "soft"])
+@pytest.mark.parametrize("family", ["cifar", "preact"])
+@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint"])
+def test_mode_equals_default_in_training(reset, family, mode):
+    base = _small_models(reset)[family].train()
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2
+    ref = _step(copy.deepcopy(base), x, 3)
+    got = _step(set_memory(copy.deepcopy(base), mode), x, 3)
+    assert ref[1]["conv1.weight"].abs().sum() > 0  # gradients reach the stem
+    _assert_same(ref, got)
+
+
+@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint"])
+def test_mode_equals_default_under_bf16_autocast_and_channels_last(mode):
+    torch.manual_seed(0)
+    base = build_model("spiking_resnet_tiny", 10, 1).train().to(memory_format=torch.channels_last)
+    x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3)).contiguous(
+        memory_format=torch.channels_last)
+    ref = _step(copy.deepcopy(base), x, 2, autocast=True)
+    got = _step(set_memory(copy.deepcopy(base), mode), x, 2, autocast=True)
+    assert ref[0].dtype == torch.bfloat16
+    _assert_same(ref, got)
+
+
+@pytest.mark.parametrize("mode", MEMORY_MODES)
+def test_eval_and_inference_are_unchanged(mode):
+    base = _small_models("hard")["cifar"].eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    model = set_memory(copy.deepcopy(base), mode)
+    with torch.no_grad():
+        assert torch.equal(model(x, 4), base(x, 4))
+    assert _step(model, x, 4)[0].shape == (4, 2, 5)  # eval mode with autograd runs too
+
+
+def _saved_bytes(model, x, T=None):
+    """Bytes of the unique non-parameter storages autograd saves in model(x, T) (model(x) if T is None)."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x) if T is None else model(x, T)
+    return sum(n for ptr, n in storages.items() if ptr not in params)
+
+
+def test_spike_conv_saves_its_input_as_bits():
+    conv = SpikeConv2d(4, 6, 3, padding=1, bias=False)
+    x = _spikes((5, 4, 9, 9), torch.Generator().manual_seed(5)).requires_grad_()
+    conv.pack_input = False
+    assert _saved_bytes(conv, x) == x.numel() * 4
+    conv.pack_input = True
+    assert _saved_bytes(conv, x) == -(-x.numel() // 8)
+
+
+def test_checkpoint_keeps_only_block_inputs():
+    torch.manual_seed(0)
+    base = build_model("spiking_resnet_tiny", 10, 1).train()
+    x = torch.rand(8, 1, 28, 28)
+    default = _saved_bytes(base, x, 4)
+    one_bit = _saved_bytes(set_memory(copy.deepcopy(base), "spikes_1bit"), x, 4)
+    ckpt = _saved_bytes(set_memory(copy.deepcopy(base), "checkpoint"), x, 4)
+    # checkpoint: the stem's (expanded) input [T*B, 1, 28, 28] in fp32, the three blocks' spike
+    # inputs as bits, the pooled features the classifier reads (fp32)
+    rows = 4 * 8
+    expected = rows * (28 * 28 * 4 + (16 * 28 * 28 + 16 * 14 * 14 + 32 * 7 * 7) // 8 + 64 * 4)
+    assert ckpt == expected
+    assert one_bit < 0.8 * default and ckpt < 0.05 * default
+
+
+def test_set_memory_refuses_ann_and_unknown_mode():
+    with pytest.raises(ValueError, match="model.memory"):
+        set_memory(build_model("resnet_tiny", 10, 1), "checkpoint")
+    with pytest.raises(ValueError, match="model.memory must be one of"):
+        set_memory(build_model("spiking_resnet_tiny", 10, 1), "half")
+    with pytest.raises(ConfigError, match="model.memory"):
+        load_config(None, ["model.name=resnet_tiny", "loss.kind=ce", "model.memory=checkpoint"])
+    with pytest.raises(ConfigError, match="model.memory"):
+        load_config(None, ["model.memory=bits"])
