@@ -5,8 +5,10 @@
 # editable without dependencies, and the wheels in .whl/ (scripts/gpu_wheels.sh fetches them on a
 # machine with PyPI: spikingjelly, loguru, and an ffcv wheel with its libraries) when present.
 # Then: pytest -m gpu, bench/lif.py (T=4, N=2^24, bf16, against SpikingJelly's Triton and CuPy
-# backends) and bench/train_step.py (preact ResNet-34, T=4, bf16, batch 64, 224 px).
-# Budget: about 8 minutes on one H100-class GPU.
+# backends), bench/train_step.py (preact ResNet-34, T=4, bf16, batch 64, 224 px), bench/step.py
+# (every case against SpikingJelly, plain and compiled, every memory mode) and bench/memory.py
+# (activation peak of every memory mode against SpikingJelly and its memopt).
+# Budget: about 11 minutes on one H100-class GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT_DIR="${OUT:-$PWD/gpu_check}"
@@ -31,6 +33,8 @@ timeout 300 python -m pytest -m gpu tests -q -rs --junitxml="$OUT_DIR/gpu_tests.
 timeout 150 python bench/lif.py --n 16777216 --t 4 --dtype bfloat16 2>&1 | tee "$OUT_DIR/bench_lif.log" | tail -n 30
 timeout 90 python bench/train_step.py --model spiking_preact_resnet34 --T 4 --batch 64 --size 224 2>&1 \
     | tee "$OUT_DIR/bench_step.log" | tail -n 3
+timeout 150 python bench/step.py --repeats 5 2>&1 | tee "$OUT_DIR/bench_step_vs_sj.log" | tail -n 12
+timeout 120 python bench/memory.py --cases demo,resnet19,preact34 2>&1 | tee "$OUT_DIR/bench_memory.log" | tail -n 20
 
 python - "$OUT_DIR" <<'PY'
 import json, re, sys
@@ -43,8 +47,10 @@ tests = read("gpu_tests.log")
 summary = re.findall(r"(\d+) (passed|failed|skipped|error)", tests)
 step = [json.loads(l) for l in read("bench_step.log").splitlines() if l.startswith("{")]
 lif = [l for l in read("bench_lif.log").splitlines() if "/ ours" in l or "x " in l][-12:]
+ratios = {m[0]: float(m[1]) for name in ("bench_step_vs_sj.log", "bench_memory.log")
+          for m in re.findall(r"^(\w+)=([0-9.]+)$", read(name), re.M)}
 report = {"gpu": read("gpu.txt").strip(), "tests": {k: int(v) for v, k in summary},
-          "train_step": step[-1] if step else None, "lif_bench_tail": lif}
+          "train_step": step[-1] if step else None, "lif_bench_tail": lif, "ratios": ratios}
 (out / "gpu_check.json").write_text(json.dumps(report, indent=1))
 print(json.dumps(report, indent=1))
 PY

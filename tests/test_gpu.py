@@ -5,7 +5,8 @@ runs them with the GPU benchmarks in one command.
 - a bf16 DDP step (nccl, SyncBatchNorm) of every recipe's model at a small size;
 - the teacher cache build, a student from it and the sweep on CUDA against the same on the CPU;
 - the FFCV -> device path against a CPU decode of the same views, with the GPU lagging behind;
-- torch.compile around the LIF op.
+- torch.compile around the LIF op;
+- every memory mode (model.memory) against default under bf16 autocast, channels_last.
 """
 import json
 import os
@@ -55,6 +56,28 @@ def test_torch_compile_around_lif():
     assert torch.allclose(eager, compiled, rtol=1e-4, atol=1e-4)
     compiled.sum().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint"])
+def test_memory_modes_equal_default_on_cuda(mode):
+    import copy
+
+    from fullrange.models import build_model
+    from fullrange.models.memory import set_memory
+
+    torch.manual_seed(0)
+    base = build_model("spiking_resnet19_cifar", 10, 3).to(CUDA).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last)
+    results = []
+    for model in (copy.deepcopy(base), set_memory(copy.deepcopy(base), mode)):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = model(x, 4)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)).sum().backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()], list(model.buffers())))
+    (o0, g0, b0), (o1, g1, b1) = results
+    assert torch.equal(o0, o1)
+    assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(g0, g1))
+    assert all(torch.equal(a, b) for a, b in zip(b0, b1))
 
 
 DDP_STEP = r"""

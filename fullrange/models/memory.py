@@ -5,6 +5,8 @@
     spikes_1bit  a conv or linear whose input is a spike tensor (every value 0 or 1) saves that
                  input bit-packed, 1 bit per element instead of 2-4 bytes; its backward unpacks
                  it and calls the same ATen backward as autograd, so gradients are bit-identical.
+                 Each BatchNorm (+ residual) -> LIF keeps only the conv output it normalises and
+                 recomputes BN-apply, the add and the LIF in the backward (MemoryModes.neuron_unit).
     checkpoint   every residual block (and the stem) is recomputed in the backward: a block
                  keeps only its input (bit-packed when it is a spike tensor) and its forward runs
                  a second time, in the backward, under the forward's autocast state; BatchNorm
@@ -27,8 +29,16 @@ MEMORY_MODES = ("default", "spikes_1bit", "checkpoint")
 _BITS = 8
 
 
-def _bit_weights(device: torch.device) -> torch.Tensor:
-    return torch.tensor([1 << i for i in range(_BITS)], dtype=torch.uint8, device=device)
+# 8 bytes b_0..b_7 (each 0 or 1) read as one little-endian int64 v: (v * _GATHER) >> 56 is
+# sum_i b_i << i (the partial products land on distinct bits, so nothing carries into the top
+# byte). Back: replicate a byte into all eight (* _SPREAD), keep bit i in byte i (& _SELECT),
+# lift each kept bit to bit 7 of its byte (+ _LIFT: byte i gets 0x80 - 2^i, no carries), shift
+# it to bit 0 and mask (>> 7, & _ONES). int64 arithmetic wraps, as the low 64 bits need.
+_GATHER = 0x0102040810204080
+_SPREAD = 0x0101010101010101
+_SELECT = 0x8040201008040201 - (1 << 64)
+_LIFT = 0x00406070787C7E7F
+_ONES = 0x0101010101010101
 
 
 def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -38,15 +48,15 @@ def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 
 
 def pack_spikes(x: torch.Tensor) -> tuple[torch.Tensor, tuple]:
-    """Spike tensor x[...] (values 0/1, any float dtype; contiguous or channels_last) ->
-    (bits uint8[ceil(numel / 8)], meta). Element i of x in memory order is bit i % 8 of byte i // 8.
-    Values other than 0 and 1 are not representable: any non-zero value unpacks as 1."""
+    """Spike tensor x[...] (every value exactly 0 or 1, any float dtype; contiguous or
+    channels_last) -> (bits uint8[ceil(numel / 8)], meta). Element i of x in memory order is
+    bit i % 8 of byte i // 8 (numpy's packbits with bitorder="little")."""
     flat, nhwc = _memory_order(x)
     n = flat.numel()
-    b = flat.reshape(-1).ne(0).to(torch.uint8)
+    b = flat.reshape(-1).to(torch.uint8)
     if n % _BITS:
         b = torch.cat([b, b.new_zeros(_BITS - n % _BITS)])
-    bits = b.view(-1, _BITS).mul_(_bit_weights(x.device)).sum(1, dtype=torch.uint8)
+    bits = b.view(torch.int64).mul_(_GATHER).bitwise_right_shift_(56).to(torch.uint8)
     return bits, (tuple(flat.shape), x.dtype, nhwc)
 
 
@@ -56,7 +66,8 @@ def unpack_spikes(bits: torch.Tensor, meta: tuple) -> torch.Tensor:
     n = 1
     for s in shape:
         n *= s
-    flat = bits.unsqueeze(1).bitwise_and(_bit_weights(bits.device)).ne(0).view(-1)[:n]
+    v = bits.to(torch.int64).mul_(_SPREAD).bitwise_and_(_SELECT).add_(_LIFT).bitwise_right_shift_(7)
+    flat = v.bitwise_and_(_ONES).view(torch.uint8)[:n]
     x = flat.to(dtype).view(shape)
     return x.permute(0, 3, 1, 2) if nhwc else x
 
@@ -162,71 +173,86 @@ def _bn_buffers(modules: Iterable[nn.Module]) -> List[torch.Tensor]:
 
 
 class _Recompute(torch.autograd.Function):
-    """out = run(x), keeping only x (bit-packed when `spikes`) for the backward, which runs
-    run(x) again with autograd and differentiates it. params: every parameter run uses."""
+    """out = run(*inputs), keeping only the inputs (a spike input bit-packed) for the backward,
+    which runs run(*inputs) again with autograd and differentiates it.
+    tensors: the n inputs, then every parameter run uses (so their gradients flow as usual)."""
 
     @staticmethod
-    def forward(ctx, run: Callable, modules: Sequence[nn.Module], spikes: bool, x, *params):
+    def forward(ctx, run: Callable, modules: Sequence[nn.Module], spikes: Sequence[bool], *tensors):
+        n = len(spikes)
         ctx.run, ctx.modules, ctx.spikes = run, modules, spikes
-        device_type = x.device.type
+        device_type = tensors[0].device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
         with torch.no_grad():
-            out = run(x)
-        if spikes:
-            bits, ctx.meta = pack_spikes(x)
-            ctx.save_for_backward(bits)
-        else:
-            ctx.save_for_backward(x)
+            out = run(*tensors[:n])
+        saved, ctx.meta = [], []
+        for x, is_spikes in zip(tensors[:n], spikes):
+            bits, meta = pack_spikes(x) if is_spikes else (x, None)
+            saved.append(bits)
+            ctx.meta.append(meta)
+        ctx.save_for_backward(*saved)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        (saved,) = ctx.saved_tensors
-        x = unpack_spikes(saved, ctx.meta) if ctx.spikes else saved
-        x = x.detach().requires_grad_(ctx.needs_input_grad[3])
-        params = [p for p, need in zip(_params(ctx.modules), ctx.needs_input_grad[4:]) if need]
+        n = len(ctx.spikes)
+        need_in, need_params = ctx.needs_input_grad[3:3 + n], ctx.needs_input_grad[3 + n:]
+        inputs = [(saved if meta is None else unpack_spikes(saved, meta)).detach().requires_grad_(need)
+                  for saved, meta, need in zip(ctx.saved_tensors, ctx.meta, need_in)]
+        params = [p for p, need in zip(_params(ctx.modules), need_params) if need]
         device_type, enabled, dtype = ctx.autocast
         stats = [b.clone() for b in _bn_buffers(ctx.modules)]
         with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            out = ctx.run(x)
-        wrt = ([x] if x.requires_grad else []) + params
+            out = ctx.run(*inputs)
+        wrt = [x for x in inputs if x.requires_grad] + params
         grads = iter(torch.autograd.grad(out, wrt, grad_out, allow_unused=True))
         with torch.no_grad():  # after the grad: BatchNorm's backward version-checks its buffers
             for b, old in zip(_bn_buffers(ctx.modules), stats):
                 b.copy_(old)
-        gx = next(grads) if x.requires_grad else None
-        gparams = [next(grads) if need else None for need in ctx.needs_input_grad[4:]]
-        return (None, None, None, gx, *gparams)
+        return (None, None, None, *[next(grads) if need else None for need in list(need_in) + list(need_params)])
 
 
 def _params(modules: Sequence[nn.Module]) -> List[torch.Tensor]:
     return [p for m in modules for p in m.parameters()]
 
 
-def recomputed(run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, modules: Sequence[nn.Module],
-               spikes: bool) -> torch.Tensor:
-    """run(x) whose activations are recomputed in the backward instead of kept (checkpoint mode).
+def recomputed(run: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor], modules: Sequence[nn.Module],
+               spikes: Sequence[bool]) -> torch.Tensor:
+    """run(*inputs), whose activations are recomputed in the backward instead of kept.
 
     modules: every module run uses (their parameters get gradients, their BatchNorm running
-    statistics are restored after the recompute). spikes: x is a spike tensor (kept bit-packed).
-    Without autograd recording this is run(x)."""
+    statistics are restored after the recompute, so they update once). spikes[i]: inputs[i] is
+    a spike tensor (kept bit-packed); the others are kept as they are. Without autograd
+    recording this is run(*inputs)."""
     params = _params(modules)
-    if not torch.is_grad_enabled() or not (x.requires_grad or any(p.requires_grad for p in params)):
-        return run(x)
-    return _Recompute.apply(run, modules, spikes, x, *params)
+    if not torch.is_grad_enabled() or not any(t.requires_grad for t in (*inputs, *params)):
+        return run(*inputs)
+    return _Recompute.apply(run, tuple(modules), tuple(spikes), *inputs, *params)
 
 
 class MemoryModes(nn.Module):
-    """Base of the spiking students: `memory` (one of MEMORY_MODES, set by set_memory) and
-    segment(), through which their forward runs the stem and every block."""
+    """Base of the spiking students and their blocks: `memory` (one of MEMORY_MODES, set by
+    set_memory), read by the two ways their forward runs a piece of the network."""
 
     memory = "default"
 
-    def segment(self, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
-                modules: Sequence[nn.Module], spikes: bool) -> torch.Tensor:
-        """run(x), recomputed in the backward in checkpoint mode (see recomputed)."""
-        return recomputed(run, x, modules, spikes) if self.memory == "checkpoint" else run(x)
+    def segment(self, run: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+                modules: Sequence[nn.Module], spikes: Sequence[bool]) -> torch.Tensor:
+        """A stem or a block: recomputed in the backward in checkpoint mode."""
+        if self.memory == "checkpoint":
+            return recomputed(run, inputs, modules, spikes)
+        return run(*inputs)
+
+    def neuron_unit(self, run: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
+                    modules: Sequence[nn.Module], spikes: Sequence[bool]) -> torch.Tensor:
+        """BatchNorm (+ a residual) -> LIF: in spikes_1bit it keeps only its inputs (the conv
+        output; a spike residual as bits) and recomputes BN-apply, the add and the LIF in the
+        backward, instead of keeping the BN output and the LIF's state. (In checkpoint mode the
+        whole block is recomputed; a second, nested recompute raised the demo's peak.)"""
+        if self.memory == "spikes_1bit":
+            return recomputed(run, inputs, modules, spikes)
+        return run(*inputs)
 
 
 def check_memory_mode(mode: str) -> None:
@@ -243,8 +269,9 @@ def set_memory(model: nn.Module, mode: str) -> nn.Module:
     if not isinstance(model, MemoryModes):
         raise ValueError(f"model.memory={mode!r}: {type(model).__name__} has no memory modes "
                          f"(only the spiking students do)")
-    model.memory = mode
     for m in model.modules():
+        if isinstance(m, MemoryModes):
+            m.memory = mode
         if isinstance(m, (SpikeConv2d, SpikeLinear)):
             m.pack_input = mode == "spikes_1bit"
     return model

@@ -27,7 +27,7 @@ from fullrange.models.memory import MemoryModes
 IMAGENET_NEURON = {"decay": 0.2, "reset": "soft"}
 
 
-class SpikingPreActBlock(nn.Module):
+class SpikingPreActBlock(MemoryModes):
     """LIF-conv-BN-LIF-conv-BN + identity/downsample on [T*B, C, H, W] (real-valued stream)."""
 
     def __init__(self, in_planes: int, planes: int, stride: int, neuron: dict) -> None:
@@ -41,8 +41,9 @@ class SpikingPreActBlock(nn.Module):
         self.downsample = downsample(in_planes, planes, stride)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        out = self.bn1(self.conv1(self.lif1(x, T)))
-        out = self.bn2(self.conv2(self.lif2(out, T)))
+        c1 = self.conv1(self.lif1(x, T))
+        out = self.neuron_unit(lambda c: self.lif2(self.bn1(c), T), (c1,), (self.bn1,), (False,))
+        out = self.bn2(self.conv2(out))
         return out + (x if self.downsample is None else self.downsample(x))
 
 
@@ -73,10 +74,10 @@ class SpikingPreActResNet(MemoryModes):
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
         x, T = encode_direct(x, T)
-        x = self.segment(lambda z: self.maxpool(self.bn1(self.conv1(z))), x, (self.conv1, self.bn1), spikes=False)
+        x = self.segment(lambda z: self.maxpool(self.bn1(self.conv1(z))), (x,), (self.conv1, self.bn1), (False,))
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
-                x = self.segment(partial(block, T=T), x, (block,), spikes=False)
+                x = self.segment(partial(block, T=T), (x,), (block,), (False,))
         x = self.fc(torch.flatten(self.avgpool(x), 1))
         return x.view(T, -1, x.shape[-1])
 

@@ -24,8 +24,8 @@ from fullrange.models.layers import MergedLIF, conv3x3, downsample, encode_direc
 from fullrange.models.memory import MemoryModes, SpikeLinear
 
 
-class SpikingBasicBlock(nn.Module):
-    """conv-BN-LIF-conv-BN (+ shortcut) -> LIF on [T*B, C, H, W]."""
+class SpikingBasicBlock(MemoryModes):
+    """conv-BN-LIF-conv-BN (+ shortcut) -> LIF on [T*B, C, H, W]; spikes in, spikes out."""
 
     def __init__(self, in_planes: int, planes: int, stride: int, neuron: dict) -> None:
         super().__init__()
@@ -38,10 +38,13 @@ class SpikingBasicBlock(nn.Module):
         self.lif2 = MergedLIF(**neuron)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        out = self.lif1(self.bn1(self.conv1(x)), T)
-        out = self.bn2(self.conv2(out))
-        out = out + (x if self.downsample is None else self.downsample(x))
-        return self.lif2(out, T)
+        out = self.neuron_unit(lambda c: self.lif1(self.bn1(c), T), (self.conv1(x),), (self.bn1,), (False,))
+        c2 = self.conv2(out)
+        if self.downsample is None:  # identity shortcut: x is a spike tensor
+            return self.neuron_unit(lambda c, r: self.lif2(self.bn2(c) + r, T), (c2, x), (self.bn2,), (False, True))
+        conv_d, bn_d = self.downsample
+        return self.neuron_unit(lambda c, cd: self.lif2(self.bn2(c) + bn_d(cd), T), (c2, conv_d(x)),
+                                (self.bn2, bn_d), (False, False))
 
 
 class SpikingResNet(MemoryModes):
@@ -89,13 +92,16 @@ class SpikingResNet(MemoryModes):
             self.head_fc, self.head_lif = None, None
         self.fc = (SpikeLinear if hidden else nn.Linear)(in_planes, num_classes)
 
+    def _stem(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        return self.neuron_unit(lambda c: self.lif1(self.bn1(c), T), (self.conv1(x),), (self.bn1,), (False,))
+
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
         x, T = encode_direct(x, T)
-        x = self.segment(lambda z: self.lif1(self.bn1(self.conv1(z)), T), x, (self.conv1, self.bn1), spikes=False)
+        x = self.segment(partial(self._stem, T=T), (x,), (self.conv1, self.bn1), (False,))
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
-                x = self.segment(partial(block, T=T), x, (block,), spikes=True)
+                x = self.segment(partial(block, T=T), (x,), (block,), (True,))
         x = torch.flatten(self.avgpool(x), 1)
         if self.head_fc is not None:
             x = self.head_lif(self.head_fc(x), T)
