@@ -1,5 +1,6 @@
-"""launcher/train.py through accelerate: 2 CPU processes complete an epoch with identical weights; resume
-of a finished run (refused with another schedule, a no-op with the same config)."""
+"""launcher/train.py through accelerate: 2 CPU processes complete an epoch with identical weights, the
+same weights in model.memory=checkpoint (blocks recomputed under DDP); resume of a finished run
+(refused with another schedule, a no-op with the same config)."""
 import json
 
 import torch
@@ -36,6 +37,12 @@ def test_two_process_epoch_weights_agree_and_resume(tmp_path, tiny_data, teacher
     assert "epoch 1, batch 0, step 8" in again.stderr
     assert (run / "metrics.jsonl").read_text() == before
     assert json.loads((run / "checkpoints" / "epoch_0001" / "trainer_state.json").read_text()) == {"epoch": 1, "step": 8}
+
+    args = [str(REPO / "configs" / "fmnist.yaml"), *student_overrides(tiny_data, teacher_file, tmp_path, name="ckpt")]
+    done = run_launcher("train.py", args + ["model.memory=checkpoint"], nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    recomputed = [m for m in read_metrics(tmp_path / "ckpt" / "metrics.jsonl") if "val_top1" in m][0]
+    assert recomputed["weights_checksums"] == sums
 
 
 def test_demo_launch_config_trains_with_ddp(tmp_path, tiny_data, teacher_file):
