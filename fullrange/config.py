@@ -47,6 +47,7 @@ class ModelConfig:
     in_channels: int = rule(1, gt=0)
     sync_bn: bool = False                            # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
     memory: str = rule("default", choices=MEMORY_MODES)  # students: spikes_1bit (bit-packed spike inputs), checkpoint (blocks recomputed)
+    compile: bool = False                            # torch.compile of the model's forward (nn.Module.compile: same state_dict keys)
 
 
 @dataclass

@@ -49,8 +49,8 @@ StepHook = Callable[[int, nn.Module], None]  # called after every optimizer step
 
 def build_model_for(cfg: RunConfig, acc: Accelerator, console: Console) -> nn.Module:
     """The student or teacher of cfg, in its memory mode (model.memory, students), with
-    SyncBatchNorm (model.sync_bn, multi-process CUDA) and channels_last weights (data.channels_last,
-    not under DeepSpeed)."""
+    SyncBatchNorm (model.sync_bn, multi-process CUDA), channels_last weights (data.channels_last,
+    not under DeepSpeed) and a compiled forward (model.compile)."""
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
     if is_spiking(cfg.model.name):
         set_memory(model, cfg.model.memory)
@@ -62,6 +62,8 @@ def build_model_for(cfg: RunConfig, acc: Accelerator, console: Console) -> nn.Mo
                           "statistics stay per process")
     if cfg.data.channels_last and deepspeed_support.deepspeed_config(acc) is None:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        model.compile()
     return model
 
 

@@ -154,3 +154,18 @@ def test_set_memory_refuses_ann_and_unknown_mode():
         load_config(None, ["model.name=resnet_tiny", "loss.kind=ce", "model.memory=checkpoint"])
     with pytest.raises(ConfigError, match="model.memory"):
         load_config(None, ["model.memory=bits"])
+
+
+def test_run_config_builds_the_student_in_its_memory_mode_and_compiled():
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from fullrange.engine import build_model_for
+
+    acc = SimpleNamespace(num_processes=1, device=torch.device("cpu"), distributed_type="NO", is_main_process=True)
+    cfg = load_config(None, ["loss.kind=ce", "model.memory=checkpoint", "model.compile=true"])
+    model = build_model_for(cfg, acc, Console(quiet=True))
+    assert model.memory == "checkpoint" and all(b.memory == "checkpoint" for b in model.layer1)
+    assert model._compiled_call_impl is not None  # nn.Module.compile: compiled on first call
+    assert list(model.state_dict()) == list(build_model("spiking_resnet_tiny", 10, 1).state_dict())
