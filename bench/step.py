@@ -10,7 +10,8 @@ layers, contiguous memory, LIFNode in its default implementation for the device,
 plain and under torch.compile. Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
 batch 16, 32 px), preact ResNet-34 (T=4, 224 px; batch 2 on CPU, 64 on CUDA).
 fullrange also runs in each memory mode (model.memory: spikes_1bit, checkpoint), and with
-model.compile (on CUDA, or with --compile-ours), each on its own copy of the weights.
+model.compile (on CUDA, or with --compile-ours), and with neuron.backend torch (the plain
+torch LIF against the fused kernel that backend auto picks), each on its own copy of the weights.
 Prints per case: median step time of each (warm-up 2 steps, then --repeats rounds round-robin),
 their ratio, the step's peak memory above the memory before it (bench/memory_probe.py), and
 for the demo student and ResNet-19 `non_conv_share`: the fraction of fullrange's step time
@@ -39,6 +40,7 @@ from fullrange.config import OptimConfig  # noqa: E402
 from fullrange.losses import full_range_loss  # noqa: E402
 from fullrange.models import build_model  # noqa: E402
 from fullrange.models.memory import MEMORY_MODES, set_memory  # noqa: E402
+from fullrange.neuron import LIF  # noqa: E402
 from fullrange.optim import GuardedStep, build_optimizer  # noqa: E402
 
 CASES = {
@@ -69,10 +71,11 @@ def _fullrange_step(model, x, y, z_a, T):
 
 
 def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=("default",),
-               compile_ours: bool = False) -> dict:
+               compile_ours: bool = False, torch_lif: bool = False) -> dict:
     """name -> a callable running one training step; all on the same weights and batch. Each has
     .model, .x (its input batch) and .forward() (the model's forward alone). fullrange runs once
-    per memory mode ("fullrange", "fullrange spikes_1bit", ...)."""
+    per memory mode ("fullrange", "fullrange spikes_1bit", ...), and optionally compiled
+    ("fullrange+compile") and with the LIF on the plain torch backend ("fullrange lif=torch")."""
     g = torch.Generator().manual_seed(0)
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
     x = torch.randn(B, case["channels"], case["size"], case["size"], generator=g).to(device)
@@ -94,6 +97,12 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
         compiled = copy.deepcopy(ours)
         compiled.compile()
         steps["fullrange+compile"] = _fullrange_step(compiled, x_ours, y, z_a, T)
+    if torch_lif:  # neuron.backend: torch, against the fused kernel that auto picks
+        plain = copy.deepcopy(ours)
+        for m in plain.modules():
+            if isinstance(m, LIF):
+                m.backend = "torch"
+        steps["fullrange lif=torch"] = _fullrange_step(plain, x_ours, y, z_a, T)
     sj_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def sj_step(model):
@@ -139,7 +148,7 @@ def non_conv_share(step, device) -> float:
 
 
 def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool, compile_ours: bool) -> dict:
-    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours)
+    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, torch_lif=True)
     for _, step in steps.items():  # warm-up (and compile)
         for _ in range(2):
             step()

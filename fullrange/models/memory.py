@@ -72,6 +72,18 @@ def unpack_spikes(bits: torch.Tensor, meta: tuple) -> torch.Tensor:
     return x.permute(0, 3, 1, 2) if nhwc else x
 
 
+def _packed_once(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tuple]:
+    """pack_spikes(x), computed once per version of x: a block's spike input feeds its first conv,
+    its downsample conv and its residual add, which share one copy of the bits. dtype: the dtype
+    the backward unpacks to (the autocast dtype the op ran in)."""
+    memo = getattr(x, "_fullrange_bits", None)
+    if memo is None or memo[0] != x._version:
+        memo = (x._version, *pack_spikes(x))
+        x._fullrange_bits = memo
+    shape, _, nhwc = memo[2]
+    return memo[1], (shape, dtype, nhwc)
+
+
 def _autocast_dtype(device_type: str):
     """The dtype autocast would run a conv/linear in on this device now, or None."""
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
@@ -87,7 +99,7 @@ class _PackedInputConv(torch.autograd.Function):
         bc = bias if cast is None or bias is None else bias.to(cast)
         with torch.autocast(x.device.type, enabled=False):
             out = F.conv2d(xc, wc, bc, conv.stride, conv.padding, conv.dilation, conv.groups)
-        bits, ctx.meta = pack_spikes(xc)
+        bits, ctx.meta = _packed_once(x, xc.dtype)
         ctx.save_for_backward(bits, weight)
         ctx.args = (conv.stride, conv.padding, conv.dilation, conv.groups, cast, x.dtype, bias is not None)
         return out
@@ -119,7 +131,7 @@ class _PackedInputLinear(torch.autograd.Function):
         bc = bias if cast is None or bias is None else bias.to(cast)
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(xc, wc, bc)
-        bits, ctx.meta = pack_spikes(xc)
+        bits, ctx.meta = _packed_once(x, xc.dtype)
         ctx.save_for_backward(bits, weight)
         ctx.args = (cast, x.dtype, bias is not None)
         return out
@@ -187,7 +199,7 @@ class _Recompute(torch.autograd.Function):
             out = run(*tensors[:n])
         saved, ctx.meta = [], []
         for x, is_spikes in zip(tensors[:n], spikes):
-            bits, meta = pack_spikes(x) if is_spikes else (x, None)
+            bits, meta = _packed_once(x, x.dtype) if is_spikes else (x, None)
             saved.append(bits)
             ctx.meta.append(meta)
         ctx.save_for_backward(*saved)
