@@ -2,7 +2,7 @@
 # README command 1: set up (idempotent), then the whole user workflow on the bundled Fashion-MNIST:
 # write .beton files, train the ANN teacher, cache its logits, train the full-range student and the
 # SKD baseline on the same budget from that cache, and sweep both over T' = 1..2T (table +
-# runs/demo/sweep.png).
+# runs/demo/sweep.png; runs/demo/demo_vs_study.png puts it beside the seed study's spread).
 # Re-running resumes finished runs instead of retraining them. Extra arguments go to every
 # training run as overrides (e.g. optim.epochs=1).
 set -euo pipefail
@@ -25,4 +25,7 @@ for cfg in fmnist fmnist_skd; do
     "${LAUNCH[@]}" launcher/train.py configs/$cfg.yaml out_dir=$OUT resume=true "${TEACHER[@]}" "$@"
 done
 "${LAUNCH[@]}" launcher/sweep.py $OUT/fmnist_fullrange $OUT/fmnist_skd --out $OUT/sweep
-echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/sweep.json, plot: $OUT/sweep.png"
+# This single-seed, short-budget sweep beside the seed study's spread for the same two methods.
+$PY scripts/study_report.py --demo $OUT/sweep.json study/results $OUT/demo_vs_study.png >/dev/null
+echo "demo finished in $(( $(date +%s) - start )) s; report: $OUT/sweep.json, plots: $OUT/sweep.png," \
+    "$OUT/demo_vs_study.png (beside the seed study, EXPERIMENTS.md)"

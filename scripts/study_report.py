@@ -1,6 +1,7 @@
-"""EXPERIMENTS.md and its plot from the study's results (scripts/study.sh).
+"""EXPERIMENTS.md and its plot from the study's results (scripts/study.sh); the demo's plot beside it.
 
     python scripts/study_report.py study/results EXPERIMENTS.md study/study.png
+    python scripts/study_report.py --demo runs/demo/sweep.json study/results runs/demo/demo_vs_study.png
 
 Each results file is one run's sweep (study/results/<method>_e<E>_s<seed>.json). Per method and
 budget: mean +- std over seeds of top-1 at every T' = 1..T_max, and of the early-exit curve
@@ -89,21 +90,35 @@ def exit_table(runs: dict, epochs: int) -> list[str]:
     return lines
 
 
-def plot(runs: dict, epochs: int, path: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, ax_exit) = plt.subplots(1, 2, figsize=(12, 4.5))
+    return plt
+
+
+def _seed_curves(ax, runs: dict, epochs: int, methods=None) -> None:
+    """Mean +- std over seeds of top-1 against T' for each method (or the given ones)."""
     for (method, e), seeds in sorted(runs.items()):
-        if e != epochs:
+        if e != epochs or (methods is not None and method not in methods):
             continue
         reports = list(seeds.values())
         T = range(1, len(reports[0]["top1"]) + 1)
         stats = [mean_std([r["top1"][t - 1] for r in reports]) for t in T]
         ax.errorbar(list(T), [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3,
                     label=f"{LABELS.get(method, method)} (n={len(reports)})")
+
+
+def plot(runs: dict, epochs: int, path: Path) -> None:
+    plt = _pyplot()
+    fig, (ax, ax_exit) = plt.subplots(1, 2, figsize=(12, 4.5))
+    _seed_curves(ax, runs, epochs)
+    for (method, e), seeds in sorted(runs.items()):
+        if e != epochs:
+            continue
+        reports = list(seeds.values())
         ee = [r["early_exit"] for r in reports]
         xs = [statistics.fmean(x["mean_steps"][j] for x in ee) for j in range(len(ee[0]["thresholds"]))]
         ys = [statistics.fmean(x["top1"][j] for x in ee) for j in range(len(ee[0]["thresholds"]))]
@@ -120,6 +135,35 @@ def plot(runs: dict, epochs: int, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+DEMO_RUNS = {"fmnist_fullrange": "full_range_ensemble", "fmnist_skd": "skd"}  # demo run -> its study method
+
+
+def demo_plot(sweep_json: str, results: str, figure: str) -> None:
+    """The demo's single-seed sweep (left) beside the study's seed spread for the same methods
+    on the study's longer budget (right)."""
+    demo = json.loads(Path(sweep_json).read_text())
+    runs = load(Path(results))
+    plt = _pyplot()
+    fig, (ax, ax_study) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name, report in demo.items():
+        T = list(range(1, len(report["top1"]) + 1))
+        ax.plot(T, report["top1"], marker="o", label=f"{LABELS.get(DEMO_RUNS.get(name, ''), name)} (1 seed)")
+    ax.set(xlabel="deployment timesteps T'", ylabel="top-1 %", title="this demo (short budget, one seed)")
+    if runs:
+        epochs = max(e for _, e in runs)
+        _seed_curves(ax_study, runs, epochs, set(DEMO_RUNS.values()))
+        ax_study.set(title=f"the study: {epochs} epochs, mean ± std over seeds (EXPERIMENTS.md)")
+    ax_study.set(xlabel="deployment timesteps T'", ylabel="top-1 %")
+    for a in (ax, ax_study):
+        a.grid(alpha=0.3)
+        a.legend(fontsize=7)
+    fig.tight_layout()
+    Path(figure).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(figure, dpi=120)
+    plt.close(fig)
+    print(f"wrote {figure}")
 
 
 def budget_lines(results: Path) -> list[str]:
@@ -154,4 +198,7 @@ def main(results: str, out: str, figure: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    if sys.argv[1:2] == ["--demo"]:
+        demo_plot(*sys.argv[2:5])
+    else:
+        main(*sys.argv[1:4])
