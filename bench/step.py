@@ -10,8 +10,9 @@ layers, contiguous memory, LIFNode in its default implementation for the device,
 plain and under torch.compile. Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
 batch 16, 32 px), preact ResNet-34 (T=4, 224 px; batch 2 on CPU, 64 on CUDA).
 fullrange also runs in each memory mode (model.memory: spikes_1bit, checkpoint), and with
-model.compile (on CUDA, or with --compile-ours), and with neuron.backend torch (the plain
-torch LIF against the fused kernel that backend auto picks), each on its own copy of the weights.
+model.compile (on CUDA, or with --compile-ours), with model.fuse_bn_lif false ("unfused": the
+BatchNorm and LIF modules one after another) and, on top of that, neuron.backend torch (the
+plain torch path the CPU kernels replace), each on its own copy of the weights.
 Prints per case: median step time of each (warm-up 2 steps, then --repeats rounds round-robin),
 their ratio, the step's peak memory above the memory before it (bench/memory_probe.py), and
 for the demo student and ResNet-19 `non_conv_share`: the fraction of fullrange's step time
@@ -39,7 +40,7 @@ from sj_models import parity, sj_twin  # noqa: E402
 from fullrange.config import OptimConfig  # noqa: E402
 from fullrange.losses import full_range_loss  # noqa: E402
 from fullrange.models import build_model  # noqa: E402
-from fullrange.models.memory import MEMORY_MODES, set_memory  # noqa: E402
+from fullrange.models.memory import MEMORY_MODES, set_fusion, set_memory  # noqa: E402
 from fullrange.neuron import LIF  # noqa: E402
 from fullrange.optim import GuardedStep, build_optimizer  # noqa: E402
 
@@ -97,12 +98,14 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
         compiled = copy.deepcopy(ours)
         compiled.compile()
         steps["fullrange+compile"] = _fullrange_step(compiled, x_ours, y, z_a, T)
-    if torch_lif:  # neuron.backend: torch, against the fused kernel that auto picks
-        plain = copy.deepcopy(ours)
+    if torch_lif:  # the CPU kernels against the plain torch path they replace
+        unfused = set_fusion(copy.deepcopy(ours), False)  # model.fuse_bn_lif: false
+        steps["fullrange unfused"] = _fullrange_step(unfused, x_ours, y, z_a, T)
+        plain = copy.deepcopy(unfused)
         for m in plain.modules():
             if isinstance(m, LIF):
-                m.backend = "torch"
-        steps["fullrange lif=torch"] = _fullrange_step(plain, x_ours, y, z_a, T)
+                m.backend = "torch"  # neuron.backend: torch
+        steps["fullrange unfused+lif=torch"] = _fullrange_step(plain, x_ours, y, z_a, T)
     sj_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
     def sj_step(model):
@@ -148,7 +151,7 @@ def non_conv_share(step, device) -> float:
 
 
 def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool, compile_ours: bool) -> dict:
-    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, torch_lif=True)
+    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, torch_lif=device.type == "cpu")
     for _, step in steps.items():  # warm-up (and compile)
         for _ in range(2):
             step()

@@ -46,8 +46,9 @@ class ModelConfig:
     num_classes: int = rule(10, gt=0)
     in_channels: int = rule(1, gt=0)
     sync_bn: bool = False                            # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
-    memory: str = rule("default", choices=MEMORY_MODES)  # students: spikes_1bit (bit-packed spike inputs), checkpoint (blocks recomputed)
-    compile: bool = False                            # torch.compile of the model's forward (nn.Module.compile: same state_dict keys)
+    memory: str = rule("default", choices=MEMORY_MODES)  # students: what the backward keeps (fullrange.models.memory)
+    fuse_bn_lif: bool = True                         # BN (+ residual) + LIF as one kernel where one serves (models.layers.bn_lif)
+    compile: bool = False                            # torch.compile of the forward (nn.Module.compile: same keys)
 
 
 @dataclass

@@ -36,7 +36,7 @@ from fullrange.inputs import check_inputs
 from fullrange.losses import NEEDS_TEACHER, student_loss
 from fullrange.metrics import MetricsLog, StepClock, trim_metrics
 from fullrange.models import build_model, is_spiking
-from fullrange.models.memory import set_memory
+from fullrange.models.memory import set_fusion, set_memory
 from fullrange.optim import GuardedStep, build_optimizer, build_scheduler
 from fullrange.preemption import EXIT_REQUEUE, NonFiniteLoss, Preempted, StopCheck, StopSignals, write_requeue_file
 from fullrange.progress import progress_bar
@@ -53,7 +53,7 @@ def build_model_for(cfg: RunConfig, acc: Accelerator, console: Console) -> nn.Mo
     not under DeepSpeed) and a compiled forward (model.compile)."""
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
     if is_spiking(cfg.model.name):
-        set_memory(model, cfg.model.memory)
+        set_fusion(set_memory(model, cfg.model.memory), cfg.model.fuse_bn_lif)
     if cfg.model.sync_bn and acc.num_processes > 1:
         if acc.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

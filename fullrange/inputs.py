@@ -60,7 +60,7 @@ def check_inputs(cfg: RunConfig, world_size: int) -> tuple[dict, TeacherCache | 
 # schedule's length sets every later learning rate (train longer with a new run instead).
 RESUME_SAFE = ("name", "out_dir", "resume", "log_every", "checkpoint_every_steps", "stop_check_every",
                "dist_timeout_s", "log_with", "data.num_workers", "data.os_cache", "data.batches_ahead",
-               "data.val_batch_size", "neuron.backend", "teacher.cache_dir", "model.memory")
+               "data.val_batch_size", "neuron.backend", "teacher.cache_dir", "model.memory")  # model.memory: exact, same numbers
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -85,15 +85,16 @@ def test_mode_equals_default_in_training(reset, family, mode):
     _assert_same(ref, got)
 
 
+@pytest.mark.parametrize("autocast", [False, True])  # fp32: the fused BN + LIF kernel; bf16: the modules
 @pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint"])
-def test_mode_equals_default_under_bf16_autocast_and_channels_last(mode):
+def test_mode_equals_default_in_channels_last(mode, autocast):
     torch.manual_seed(0)
     base = build_model("spiking_resnet_tiny", 10, 1).train().to(memory_format=torch.channels_last)
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3)).contiguous(
         memory_format=torch.channels_last)
-    ref = _step(copy.deepcopy(base), x, 2, autocast=True)
-    got = _step(set_memory(copy.deepcopy(base), mode), x, 2, autocast=True)
-    assert ref[0].dtype == torch.bfloat16
+    ref = _step(copy.deepcopy(base), x, 2, autocast=autocast)
+    got = _step(set_memory(copy.deepcopy(base), mode), x, 2, autocast=autocast)
+    assert ref[0].dtype == (torch.bfloat16 if autocast else torch.float32)
     _assert_same(ref, got)
 
 

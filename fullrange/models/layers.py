@@ -33,6 +33,36 @@ class MergedLIF(LIF):
         return super().forward(x.view(T, B, *x.shape[1:])).view(x.shape)
 
 
+def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[torch.Tensor]):
+    """fullrange.kernels.bn_lif_cpu when it serves this call, else None: a training-mode affine
+    nn.BatchNorm2d on a float32 channels_last CPU tensor (residual alike), LIF backend auto or
+    cpu, no autocast, eager mode, numba present."""
+    if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and lif.backend in ("auto", "cpu")
+            and c.device.type == "cpu" and c.dtype == torch.float32 and c.dim() == 4
+            and c.is_contiguous(memory_format=torch.channels_last)
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return None
+    if residual is not None and not (residual.dtype == c.dtype and residual.shape == c.shape
+                                     and residual.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    from fullrange.kernels.bn_lif_cpu import bn_lif_cpu, bn_lif_cpu_error
+
+    return None if bn_lif_cpu_error() else bn_lif_cpu
+
+
+def bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, T: int, residual: Optional[torch.Tensor] = None,
+           fuse: bool = True) -> torch.Tensor:
+    """spikes = lif(bn(c) + residual, T) on a time-merged c [T*B, C, H, W] (residual alike, or
+    None). With fuse, where it applies (see _fused_bn_lif; LIF backend auto/cpu) one fused CPU
+    kernel runs BatchNorm's statistics, its apply, the add and the LIF, and keeps only c (and
+    residual) for the backward; otherwise the modules run one after another."""
+    fused = _fused_bn_lif(bn, lif, c, residual) if fuse else None
+    if fused is not None:
+        return fused(c, bn, T, lif.decay, lif.threshold, lif.reset, lif.surrogate_alpha, lif.detach_reset, residual)
+    y = bn(c)
+    return lif(y if residual is None else y + residual, T)
+
+
 def encode_direct(x: torch.Tensor, T: Optional[int]) -> Tuple[torch.Tensor, int]:
     """Direct encoding. Image x[B, C, H, W] -> x repeated T times as [T*B, C, H, W].
 

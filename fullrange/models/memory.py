@@ -248,6 +248,7 @@ class MemoryModes(nn.Module):
     set_memory), read by the two ways their forward runs a piece of the network."""
 
     memory = "default"
+    fuse_bn_lif = True  # model.fuse_bn_lif: BatchNorm + LIF as one kernel where one serves (layers.bn_lif)
 
     def segment(self, run: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
                 modules: Sequence[nn.Module], spikes: Sequence[bool]) -> torch.Tensor:
@@ -265,6 +266,14 @@ class MemoryModes(nn.Module):
         if self.memory == "spikes_1bit":
             return recomputed(run, inputs, modules, spikes)
         return run(*inputs)
+
+
+def set_fusion(model: nn.Module, on: bool) -> nn.Module:
+    """model.fuse_bn_lif: whether the student's BatchNorm -> LIF pairs may run as one fused kernel."""
+    for m in model.modules():
+        if isinstance(m, MemoryModes):
+            m.fuse_bn_lif = bool(on)
+    return model
 
 
 def check_memory_mode(mode: str) -> None:

@@ -21,7 +21,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, conv3x3, downsample, encode_direct, kaiming_init
+from fullrange.models.layers import MergedLIF, bn_lif, conv3x3, downsample, encode_direct, kaiming_init
 from fullrange.models.memory import MemoryModes
 
 IMAGENET_NEURON = {"decay": 0.2, "reset": "soft"}
@@ -42,7 +42,8 @@ class SpikingPreActBlock(MemoryModes):
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
         c1 = self.conv1(self.lif1(x, T))
-        out = self.neuron_unit(lambda c: self.lif2(self.bn1(c), T), (c1,), (self.bn1,), (False,))
+        out = self.neuron_unit(lambda c: bn_lif(self.bn1, self.lif2, c, T, fuse=self.fuse_bn_lif), (c1,),
+                               (self.bn1,), (False,))
         out = self.bn2(self.conv2(out))
         return out + (x if self.downsample is None else self.downsample(x))
 

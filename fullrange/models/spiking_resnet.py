@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, conv3x3, downsample, encode_direct
+from fullrange.models.layers import MergedLIF, bn_lif, conv3x3, downsample, encode_direct
 from fullrange.models.memory import MemoryModes, SpikeLinear
 
 
@@ -38,12 +38,15 @@ class SpikingBasicBlock(MemoryModes):
         self.lif2 = MergedLIF(**neuron)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        out = self.neuron_unit(lambda c: self.lif1(self.bn1(c), T), (self.conv1(x),), (self.bn1,), (False,))
+        fuse = self.fuse_bn_lif
+        out = self.neuron_unit(lambda c: bn_lif(self.bn1, self.lif1, c, T, fuse=fuse), (self.conv1(x),),
+                               (self.bn1,), (False,))
         c2 = self.conv2(out)
         if self.downsample is None:  # identity shortcut: x is a spike tensor
-            return self.neuron_unit(lambda c, r: self.lif2(self.bn2(c) + r, T), (c2, x), (self.bn2,), (False, True))
+            return self.neuron_unit(lambda c, r: bn_lif(self.bn2, self.lif2, c, T, r, fuse), (c2, x),
+                                    (self.bn2,), (False, True))
         conv_d, bn_d = self.downsample
-        return self.neuron_unit(lambda c, cd: self.lif2(self.bn2(c) + bn_d(cd), T), (c2, conv_d(x)),
+        return self.neuron_unit(lambda c, cd: bn_lif(self.bn2, self.lif2, c, T, bn_d(cd), fuse), (c2, conv_d(x)),
                                 (self.bn2, bn_d), (False, False))
 
 
@@ -93,7 +96,8 @@ class SpikingResNet(MemoryModes):
         self.fc = (SpikeLinear if hidden else nn.Linear)(in_planes, num_classes)
 
     def _stem(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        return self.neuron_unit(lambda c: self.lif1(self.bn1(c), T), (self.conv1(x),), (self.bn1,), (False,))
+        return self.neuron_unit(lambda c: bn_lif(self.bn1, self.lif1, c, T, fuse=self.fuse_bn_lif),
+                                (self.conv1(x),), (self.bn1,), (False,))
 
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
