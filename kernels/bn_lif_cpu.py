@@ -85,7 +85,7 @@ if _NUMBA_ERROR is None:
 
     @_jit(fastmath={"contract"}, **_OPTS)  # h is recomputed with _mul_exact: never contracted
     def _grad_lif(c2, r2, has_r, gs2, n, a_rep, b_rep, mean_rep, invstd_rep, gy2, sg_rep, sgx_rep, d, g, v,
-                  decay, threshold, alpha, soft, k1, k2, m_spike, zero, one):
+                  acc_g, acc_gx, decay, threshold, alpha, soft, k1, k2, m_spike, zero, one):
         """g_y [T, P*C] from g_s, recomputing h - threshold into d [T, n] per chunk; adds
         sum(g_y) and sum(g_y * xhat) per column to sg_rep, sgx_rep (float64 [n])."""
         T, N = c2.shape
@@ -102,14 +102,19 @@ if _NUMBA_ERROR is None:
                     v[j] = _reset(h, threshold, soft, zero)
             for j in range(m):
                 g[j] = zero
+                acc_g[j] = zero
+                acc_gx[j] = zero
             for t in range(T - 1, -1, -1):
                 row, dt, gst, gyt = c2[t, lo:lo + m], d[t], gs2[t, lo:lo + m], gy2[t, lo:lo + m]
                 for j in range(m):
                     gh = _grad_step(gst[j], dt[j], g[j], decay, alpha, k1, k2, m_spike, zero, one)
                     g[j] = gh
                     gyt[j] = gh
-                    sg_rep[j] += np.float64(gh)
-                    sgx_rep[j] += np.float64(gh * ((row[j] - mean_rep[j]) * invstd_rep[j]))
+                    acc_g[j] += gh
+                    acc_gx[j] += gh * ((row[j] - mean_rep[j]) * invstd_rep[j])
+            for j in range(m):  # float32 over this chunk's T steps, float64 across chunks
+                sg_rep[j] += np.float64(acc_g[j])
+                sgx_rep[j] += np.float64(acc_gx[j])
 
     @_jit(fastmath={"contract"}, **_OPTS)
     def _grad_bn(c2, gy2, n, mean_rep, invstd_rep, scale_rep, mg_rep, mgx_rep, gc2):
@@ -198,8 +203,8 @@ class _BNLIF(torch.autograd.Function):
         r2 = _tpc(r, T) if has_r else np.empty((0, 0), np.float32)
         mean_rep, invstd_rep = _rep(mean, n), _rep(invstd, n)
         _grad_lif(_tpc(c, T), r2, has_r, _tpc(grad_s, T), n, _rep(a32, n), _rep(b32, n), mean_rep, invstd_rep,
-                  _tpc(gy, T), sg_rep, sgx_rep, np.empty((T, n), np.float32), np.empty(n, np.float32),
-                  np.empty(n, np.float32), f[0], f[1], f[2], soft, f[3], f[4], f[5], f[6], f[7])
+                  _tpc(gy, T), sg_rep, sgx_rep, np.empty((T, n), np.float32), *(np.empty(n, np.float32) for _ in range(4)),
+                  f[0], f[1], f[2], soft, f[3], f[4], f[5], f[6], f[7])
         sum_g, sum_gx = _fold(sg_rep, C), _fold(sgx_rep, C)
         count = c.numel() // C
         grad_c = None
