@@ -106,20 +106,21 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
             if isinstance(m, LIF):
                 m.backend = "torch"  # neuron.backend: torch
         steps["fullrange unfused+lif=torch"] = _fullrange_step(plain, x_ours, y, z_a, T)
-    sj_opt = torch.optim.SGD(twin.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    def sj_step(model, compiled=False):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        run = torch.compile(model, dynamic=False) if compiled else model
 
-    def sj_step(model):
         def step():
-            loss, _ = full_range_loss(step.model(x, T), y, z_a, tau=3.0)
+            loss, _ = full_range_loss(run(x, T), y, z_a, tau=3.0)
             loss.backward()
-            sj_opt.step()
-            sj_opt.zero_grad(set_to_none=True)
-        step.model, step.x, step.forward = model, x, lambda: step.model(x, T)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        step.model, step.x, step.forward = run, x, lambda: run(x, T)
         return step
 
+    if compile_sj:  # its own copy: the eager twin's neuron state would invalidate the compiled guards
+        steps["spikingjelly+compile"] = sj_step(copy.deepcopy(twin), compiled=True)
     steps["spikingjelly"] = sj_step(twin)
-    if compile_sj:
-        steps["spikingjelly+compile"] = sj_step(torch.compile(twin))
     return steps
 
 
@@ -151,6 +152,7 @@ def non_conv_share(step, device) -> float:
 
 
 def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool, compile_ours: bool) -> dict:
+    torch._dynamo.reset()  # each case compiles afresh (guards left by an earlier case's models can fail)
     steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, torch_lif=device.type == "cpu")
     for _, step in steps.items():  # warm-up (and compile)
         for _ in range(2):

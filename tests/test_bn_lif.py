@@ -18,6 +18,15 @@ from fullrange.neuron import lif_reference
 pytest.importorskip("numba")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The fused kernel serves one-thread processes (models.layers._fused_bn_lif)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _reference(bn, c, T, r, lif_args):
     """float64 nn.BatchNorm2d (training) -> + r -> lif_reference: (spikes, h, bn in float64)."""
     bn64 = copy.deepcopy(bn).double()
@@ -101,3 +110,5 @@ def test_fused_path_is_taken_only_where_it_serves():
     assert layers._fused_bn_lif(bn, lif, cl.double(), None) is None
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert layers._fused_bn_lif(bn, lif, cl, None) is None
+    torch.set_num_threads(2)
+    assert layers._fused_bn_lif(bn, lif, cl, None) is None  # ATen's threaded BatchNorm is faster

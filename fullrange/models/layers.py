@@ -36,8 +36,11 @@ class MergedLIF(LIF):
 def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[torch.Tensor]):
     """fullrange.kernels.bn_lif_cpu when it serves this call, else None: a training-mode affine
     nn.BatchNorm2d on a float32 channels_last CPU tensor (residual alike), LIF backend auto or
-    cpu, no autocast, eager mode, numba present."""
+    cpu, no autocast, eager mode, numba present, and one torch thread (the kernel runs on the
+    calling thread: with more, ATen's threaded BatchNorm and the LIF kernel are faster; the
+    one-thread-per-process layout the CPU launch configs use is where it pays)."""
     if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and lif.backend in ("auto", "cpu")
+            and torch.get_num_threads() == 1
             and c.device.type == "cpu" and c.dtype == torch.float32 and c.dim() == 4
             and c.is_contiguous(memory_format=torch.channels_last)
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
