@@ -67,17 +67,20 @@ def measure(case_name: str, impl: str) -> dict:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="demo,resnet19")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads (default 1: one thread per process, as the CPU launch configs run)")
     p.add_argument("--one", nargs=2, metavar=("CASE", "IMPL"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.one:
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
         print("MEM " + json.dumps(measure(*args.one)))
         return
     worst = None
     for case in args.cases.split(","):
         rows = {}
         for impl in IMPLS:
-            done = subprocess.run([sys.executable, __file__, "--one", case, impl], capture_output=True, text=True,
+            done = subprocess.run([sys.executable, __file__, "--one", case, impl, "--threads", str(args.threads)],
+                                  capture_output=True, text=True,
                                   env=MEASURE_ENV)
             line = [x for x in done.stdout.splitlines() if x.startswith("MEM ")]
             if done.returncode or not line:
