@@ -185,7 +185,9 @@ def main(results: str, out: str, figure: str) -> None:
     epochs = max(e for _, e in runs)
     plot(runs, epochs, Path(figure))
     text = Path(out).read_text() if Path(out).is_file() else ""
-    head = text.split("<!-- tables -->")[0] if "<!-- tables -->" in text else "# Experiments\n\n"
+    # the text above the marker is kept; a file without one is kept whole, the tables follow it
+    head = text.split("<!-- tables -->")[0] if "<!-- tables -->" in text else (text.rstrip() + "\n\n" if text else
+                                                                               "# Experiments\n\n")
     body = ["<!-- tables -->", "", f"## Top-1 (%) at every T', {epochs} epochs (mean ± std over seeds)", "",
             *accuracy_table(runs, epochs), "", "## Difference to SKD, per seed pair (mean ± std; verdict)", "",
             *versus_skd(runs, epochs), "", f"![study]({Path(figure).as_posix()})", "",
