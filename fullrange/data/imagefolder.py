@@ -37,6 +37,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -220,6 +221,10 @@ def _writer_watch(writer, rows: _FolderRows, total: int, description: str, show:
     progress = progress_bar(Console(stderr=True), True) if show else None
     task = progress.add_task(description, total=total) if progress is not None else None
     watchdog = _WriterWatchdog(writer, rows, progress, task)
+    # the watchdog's interrupt is a simulated SIGINT: it must raise KeyboardInterrupt here even
+    # where a SIGINT handler of ours (fullrange.preemption) or another library's is installed
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler) if in_main else None
     with quiet_ffcv_writer():
         try:
             if progress is not None:
@@ -235,6 +240,8 @@ def _writer_watch(writer, rows: _FolderRows, total: int, description: str, show:
             watchdog.stop.set()
             if watchdog.thread.is_alive():
                 watchdog.thread.join()
+            if in_main:
+                signal.signal(signal.SIGINT, previous)
             if progress is not None:
                 progress.update(task, completed=rows.done.value)
                 progress.stop()
