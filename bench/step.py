@@ -72,7 +72,7 @@ def _fullrange_step(model, x, y, z_a, T):
 
 
 def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=("default",),
-               compile_ours: bool = False, torch_lif: bool = False) -> dict:
+               compile_ours: bool = False, cpu_variants: bool = False) -> dict:
     """name -> a callable running one training step; all on the same weights and batch. Each has
     .model, .x (its input batch) and .forward() (the model's forward alone). fullrange runs once
     per memory mode ("fullrange", "fullrange spikes_1bit", ...), and optionally compiled
@@ -98,7 +98,7 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
         compiled = copy.deepcopy(ours)
         compiled.compile()
         steps["fullrange+compile"] = _fullrange_step(compiled, x_ours, y, z_a, T)
-    if torch_lif:  # the CPU kernels against the plain torch path they replace
+    if cpu_variants:  # the CPU kernels against the plain torch path they replace
         unfused = set_fusion(copy.deepcopy(ours), False)  # model.fuse_bn_lif: false
         steps["fullrange unfused"] = _fullrange_step(unfused, x_ours, y, z_a, T)
         plain = copy.deepcopy(unfused)
@@ -153,7 +153,7 @@ def non_conv_share(step, device) -> float:
 
 def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool, compile_ours: bool) -> dict:
     torch._dynamo.reset()  # each case compiles afresh (guards left by an earlier case's models can fail)
-    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, torch_lif=device.type == "cpu")
+    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, cpu_variants=device.type == "cpu")
     for _, step in steps.items():  # warm-up (and compile)
         for _ in range(2):
             step()

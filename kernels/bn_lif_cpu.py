@@ -29,15 +29,9 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .lif_cpu import _NUMBA_ERROR, _scalars
+from .lif_cpu import _NUMBA_ERROR, _grad_constants, _scalars
 
-__all__ = ["bn_lif_cpu", "bn_lif_cpu_error"]
-
-
-def bn_lif_cpu_error() -> str | None:
-    """Why the fused kernel is unavailable (numba did not import), or None."""
-    return _NUMBA_ERROR
-
+__all__ = ["bn_lif_cpu"]
 
 COLUMNS = 1024  # columns per chunk (rounded to a multiple of C): the state and d stay in L1/L2
 
@@ -195,9 +189,7 @@ class _BNLIF(torch.autograd.Function):
         gy = torch.empty_like(c, memory_format=torch.channels_last)
         n = _chunk(C)
         sg_rep, sgx_rep = np.zeros(n), np.zeros(n)
-        k1 = 0.0 if soft or detach else 1.0
-        k2 = 0.0 if detach else threshold
-        m_spike = 1.0 if soft else 0.0
+        k1, k2, m_spike = _grad_constants(threshold, soft, detach)
         f = _scalars(torch.float32, decay, threshold, alpha, k1, k2, m_spike, 0.0, 1.0)
         has_r = r is not None
         r2 = _tpc(r, T) if has_r else np.empty((0, 0), np.float32)

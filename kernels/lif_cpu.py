@@ -616,6 +616,12 @@ def _run(direction: str, dtype: torch.dtype, threads: int, ints: dict, floats, s
     _gomp_parallel()(_task(direction, dtype).address, params.ctypes.data, threads, 0)
 
 
+def _grad_constants(threshold: float, soft_reset: bool, detach_reset: bool) -> tuple[float, float, float]:
+    """(k1, k2, m_spike) of _grad_step: one formula for the four reset modes."""
+    return (0.0 if soft_reset or detach_reset else 1.0, 0.0 if detach_reset else threshold,
+            1.0 if soft_reset else 0.0)
+
+
 def _scalars(dtype: torch.dtype, *values: float):
     cast = np.float32 if dtype == torch.float32 else np.float64
     return tuple(cast(v) for v in values)
@@ -655,10 +661,7 @@ def _backward_impl(grad_spikes: Tensor, x: Tensor, decay: float, threshold: floa
         return grad_x
     x2, gs2, gx2 = _numpy_2d(x), _numpy_2d(grad_spikes), _numpy_2d(grad_x)
     t, n = x2.shape
-    # one formula for the four reset modes (see _grad_step): (k1, k2, m_spike)
-    k1 = 0.0 if soft_reset or detach_reset else 1.0
-    k2 = 0.0 if detach_reset else threshold
-    m_spike = 1.0 if soft_reset else 0.0
+    k1, k2, m_spike = _grad_constants(threshold, soft_reset, detach_reset)
     floats = (decay, threshold, surrogate_alpha, k1, k2, m_spike)
     chunk = _ALIGN if t in (1, 2, 4) else _bwd_chunk(t, n, x.element_size())
     threads, claim = _plan(t, n)

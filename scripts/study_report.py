@@ -185,9 +185,10 @@ def main(results: str, out: str, figure: str) -> None:
     epochs = max(e for _, e in runs)
     plot(runs, epochs, Path(figure))
     text = Path(out).read_text() if Path(out).is_file() else ""
-    # the text above the marker is kept; a file without one is kept whole, the tables follow it
-    head = text.split("<!-- tables -->")[0] if "<!-- tables -->" in text else (text.rstrip() + "\n\n" if text else
-                                                                               "# Experiments\n\n")
+    if "<!-- tables -->" in text:  # the text above the marker is kept
+        head = text.split("<!-- tables -->")[0]
+    else:  # a file without one is kept whole, the tables follow it
+        head = text.rstrip() + "\n\n" if text else "# Experiments\n\n"
     body = ["<!-- tables -->", "", f"## Top-1 (%) at every T', {epochs} epochs (mean ± std over seeds)", "",
             *accuracy_table(runs, epochs), "", "## Difference to SKD, per seed pair (mean ± std; verdict)", "",
             *versus_skd(runs, epochs), "", f"![study]({Path(figure).as_posix()})", "",

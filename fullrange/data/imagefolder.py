@@ -201,11 +201,7 @@ class _WriterWatchdog:
                 gone_since = gone_since or time.monotonic()
                 if time.monotonic() - gone_since > DEAD_WRITER_GRACE_S:
                     self.died = True
-                    # until the main thread leaves the writer: one interrupt can be swallowed
-                    # (it landed while FFCV's wait loop was not running Python code)
-                    while not self.stop.is_set():
-                        _thread.interrupt_main()
-                        self.stop.wait(1.0)
+                    _thread.interrupt_main()
                     return
             else:
                 gone_since = None

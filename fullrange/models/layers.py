@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fullrange.models.memory import SpikeConv2d
-from fullrange.neuron import LIF
+from fullrange.neuron import LIF, resolve_backend
 
 
 class MergedLIF(LIF):
@@ -35,8 +35,8 @@ class MergedLIF(LIF):
 
 def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[torch.Tensor]):
     """fullrange.kernels.bn_lif_cpu when it serves this call, else None: a training-mode affine
-    nn.BatchNorm2d on a float32 channels_last CPU tensor (residual alike), LIF backend auto or
-    cpu, no autocast, eager mode, numba present, and one torch thread (the kernel runs on the
+    nn.BatchNorm2d on a float32 channels_last CPU tensor (residual alike), a LIF whose backend
+    resolves to the CPU kernel (neuron.resolve_backend), no autocast, eager mode, and one torch thread (the kernel runs on the
     calling thread: with more, ATen's threaded BatchNorm and the LIF kernel are faster; the
     one-thread-per-process layout the CPU launch configs use is where it pays)."""
     if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and lif.backend in ("auto", "cpu")
@@ -48,9 +48,11 @@ def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[t
     if residual is not None and not (residual.dtype == c.dtype and residual.shape == c.shape
                                      and residual.is_contiguous(memory_format=torch.channels_last)):
         return None
-    from fullrange.kernels.bn_lif_cpu import bn_lif_cpu, bn_lif_cpu_error
+    if resolve_backend(lif.backend, c) != "cpu":
+        return None
+    from fullrange.kernels.bn_lif_cpu import bn_lif_cpu
 
-    return None if bn_lif_cpu_error() else bn_lif_cpu
+    return bn_lif_cpu
 
 
 def bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, T: int, residual: Optional[torch.Tensor] = None,

@@ -89,14 +89,20 @@ def _autocast_dtype(device_type: str):
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
 
 
+def _as_autocast(x, weight, bias):
+    """(cast dtype or None, x, weight, bias in it): what autocast would hand a conv/linear."""
+    cast = _autocast_dtype(x.device.type)
+    if cast is None:
+        return None, x, weight, bias
+    return cast, x.to(cast), weight.to(cast), None if bias is None else bias.to(cast)
+
+
 class _PackedInputConv(torch.autograd.Function):
     """conv2d(x, w, b) that saves x bit-packed; backward = aten.convolution_backward (autograd's)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, conv: nn.Conv2d):
-        cast = _autocast_dtype(x.device.type)
-        xc, wc = (x, weight) if cast is None else (x.to(cast), weight.to(cast))
-        bc = bias if cast is None or bias is None else bias.to(cast)
+        cast, xc, wc, bc = _as_autocast(x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             out = F.conv2d(xc, wc, bc, conv.stride, conv.padding, conv.dilation, conv.groups)
         bits, ctx.meta = _packed_once(x, xc.dtype)
@@ -126,9 +132,7 @@ class _PackedInputLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        cast = _autocast_dtype(x.device.type)
-        xc, wc = (x, weight) if cast is None else (x.to(cast), weight.to(cast))
-        bc = bias if cast is None or bias is None else bias.to(cast)
+        cast, xc, wc, bc = _as_autocast(x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             out = F.linear(xc, wc, bc)
         bits, ctx.meta = _packed_once(x, xc.dtype)
