@@ -8,13 +8,13 @@
 # Resumable: a run whose results file exists is skipped, an interrupted one continues from its
 # checkpoint (resume=true); run it in parts. Results (the sweep of each run) are files in the
 # repository: study/results/<run>.json; the run directories (weights, checkpoints) stay in
-# runs/study/. Environment: SEEDS (default "0 1 2"), EPOCHS (default 12), METHODS (default all).
+# runs/study/. Environment: SEEDS (default "0 1 2"), EPOCHS (default 12), METHODS (default all seven).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODE="${1:-run}"
 SEEDS="${SEEDS:-0 1 2}"
 EPOCHS="${EPOCHS:-12}"
-METHODS="${METHODS:-full_range_ensemble full_range_correct_only skd tet ce}"
+METHODS="${METHODS:-full_range_ensemble full_range_correct_only skd tet ce full_range_no_sd full_range_sd_warmup}"
 OUT=runs/study
 RESULTS=study/results
 TEACHER_EPOCHS=10
@@ -29,6 +29,10 @@ method_overrides() {  # method -> its loss overrides
         skd) echo "loss.kind=skd" ;;
         tet) echo "loss.kind=tet" ;;
         ce) echo "loss.kind=ce" ;;
+        # ablation: full-range without its self-distillation term (TWCE + alpha TWKL)
+        full_range_no_sd) echo "loss.kind=full_range loss.beta=0" ;;
+        # an option the paper does not have: beta ramped from 0 over the first half of the budget
+        full_range_sd_warmup) echo "loss.kind=full_range loss.sd_target=ensemble loss.sd_warmup_epochs=$((EPOCHS / 2))" ;;
         *) echo "scripts/study.sh: unknown method $1" >&2; exit 2 ;;
     esac
 }

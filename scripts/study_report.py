@@ -21,7 +21,10 @@ from pathlib import Path
 NAME = re.compile(r"^(?P<method>.+)_e(?P<epochs>\d+)_s(?P<seed>\d+)$")
 LABELS = {"full_range_ensemble": "full-range (sd_target ensemble: the paper)",
           "full_range_correct_only": "full-range (sd_target correct_only: the official code)",
-          "skd": "SKD (standard logit KD)", "tet": "TET (TWCE alone)", "ce": "plain CE on the time mean"}
+          "skd": "SKD (standard logit KD)", "tet": "TET (TWCE alone)", "ce": "plain CE on the time mean",
+          "full_range_no_sd": "full-range without TWSD (beta 0: ablation)",
+          "full_range_sd_warmup": "full-range, beta warmed up over half the budget (not in the paper)"}
+OPTIONS = ("full_range_no_sd", "full_range_sd_warmup")  # compared with the paper's full-range too
 
 
 def load(results: Path) -> dict:
@@ -58,18 +61,19 @@ def accuracy_table(runs: dict, epochs: int) -> list[str]:
     return lines
 
 
-def versus_skd(runs: dict, epochs: int) -> list[str]:
-    skd = runs.get(("skd", epochs), {})
-    T_max = max((len(r["top1"]) for r in skd.values()), default=0)
-    lines = ["| method - SKD | " + " | ".join(f"T'={t}" for t in range(1, T_max + 1)) + " |",
-             "|---|" + "---|" * T_max]
+def versus(runs: dict, epochs: int, base: str, methods=None) -> list[str]:
+    """Per-seed-pair differences to the method `base` at every T' (of the given methods, or all)."""
+    ref = runs.get((base, epochs), {})
+    T_max = max((len(r["top1"]) for r in ref.values()), default=0)
+    lines = [f"| method - {LABELS.get(base, base).split(' (')[0]} | " + " | ".join(f"T'={t}" for t in range(1, T_max + 1))
+             + " |", "|---|" + "---|" * T_max]
     for (method, e), seeds in sorted(runs.items()):
-        common = sorted(set(seeds) & set(skd))
-        if e != epochs or method == "skd" or len(common) < 2:
+        common = sorted(set(seeds) & set(ref))
+        if e != epochs or method == base or len(common) < 2 or (methods is not None and method not in methods):
             continue
         cells = []
         for t in range(T_max):
-            d = [seeds[s]["top1"][t] - skd[s]["top1"][t] for s in common]
+            d = [seeds[s]["top1"][t] - ref[s]["top1"][t] for s in common]
             m, sd = mean_std(d)
             cells.append(f"{m:+.2f} ± {sd:.2f} ({verdict(d)})")
         lines.append(f"| {LABELS.get(method, method)} | " + " | ".join(cells) + " |")
@@ -191,8 +195,12 @@ def main(results: str, out: str, figure: str) -> None:
         head = text.rstrip() + "\n\n" if text else "# Experiments\n\n"
     body = ["<!-- tables -->", "", f"## Top-1 (%) at every T', {epochs} epochs (mean ± std over seeds)", "",
             *accuracy_table(runs, epochs), "", "## Difference to SKD, per seed pair (mean ± std; verdict)", "",
-            *versus_skd(runs, epochs), "", f"![study]({Path(figure).as_posix()})", "",
-            "## Early exit (mean ± std over seeds)", "", *exit_table(runs, epochs), ""]
+            *versus(runs, epochs, "skd"), ""]
+    if any((m, epochs) in runs for m in OPTIONS):
+        body += ["## The options against the paper's full-range, per seed pair (mean ± std; verdict)", "",
+                 *versus(runs, epochs, "full_range_ensemble", OPTIONS), ""]
+    body += [f"![study]({Path(figure).as_posix()})", "",
+             "## Early exit (mean ± std over seeds)", "", *exit_table(runs, epochs), ""]
     probe = budget_lines(Path(results))
     if probe:
         body += ["## Budget probe", "", *probe, ""]
