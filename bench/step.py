@@ -7,7 +7,8 @@ A step: forward at T, the full-range loss against fixed (cached) teacher logits,
 optimizer step. fullrange runs as its trainer does (channels_last where the recipe says so,
 LIF backend auto, the guarded fused SGD); SpikingJelly as a user of it would (its multi-step
 layers, contiguous memory, LIFNode in its default implementation for the device, torch SGD),
-plain and under torch.compile. Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
+plain and under torch.compile, in contiguous memory and, where fullrange runs channels_last, in
+channels_last too (its best variant is the peer). Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
 batch 16, 32 px), preact ResNet-34 (T=4, 224 px; batch 2 on CPU, 64 on CUDA).
 fullrange also runs in each memory mode (model.memory: spikes_1bit, checkpoint), and with
 model.compile (on CUDA, or with --compile-ours), with model.fuse_bn_lif false ("unfused": the
@@ -47,7 +48,7 @@ from fullrange.optim import GuardedStep, build_optimizer  # noqa: E402
 CASES = {
     "demo": dict(model="spiking_resnet_tiny", T=4, batch=128, size=28, channels=1, classes=10, channels_last=True),
     "resnet19": dict(model="spiking_resnet19_cifar", T=6, batch=16, size=32, channels=3, classes=100,
-                     channels_last=False),
+                     channels_last=True),
     "preact34": dict(model="spiking_preact_resnet34", T=4, batch=2, gpu_batch=64, size=224, channels=3,
                      classes=1000, channels_last=True),
 }
@@ -72,7 +73,7 @@ def _fullrange_step(model, x, y, z_a, T):
 
 
 def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=("default",),
-               compile_ours: bool = False, cpu_variants: bool = False) -> dict:
+               compile_ours: bool = False, kernel_variants: bool = False) -> dict:
     """name -> a callable running one training step; all on the same weights and batch. Each has
     .model, .x (its input batch) and .forward() (the model's forward alone). fullrange runs once
     per memory mode ("fullrange", "fullrange spikes_1bit", ...), and optionally compiled
@@ -98,7 +99,7 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
         compiled = copy.deepcopy(ours)
         compiled.compile()
         steps["fullrange+compile"] = _fullrange_step(compiled, x_ours, y, z_a, T)
-    if cpu_variants:  # the CPU kernels against the plain torch path they replace
+    if kernel_variants:  # the fused BN+LIF and LIF kernels against the plain torch path they replace
         unfused = set_fusion(copy.deepcopy(ours), False)  # model.fuse_bn_lif: false
         steps["fullrange unfused"] = _fullrange_step(unfused, x_ours, y, z_a, T)
         plain = copy.deepcopy(unfused)
@@ -106,21 +107,29 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
             if isinstance(m, LIF):
                 m.backend = "torch"  # neuron.backend: torch
         steps["fullrange unfused+lif=torch"] = _fullrange_step(plain, x_ours, y, z_a, T)
-    def sj_step(model, compiled=False):
+    def sj_step(model, compiled=False, channels_last=False):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        x_sj = x
+        if channels_last:
+            model, x_sj = model.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
         run = torch.compile(model, dynamic=False) if compiled else model
 
         def step():
-            loss, _ = full_range_loss(run(x, T), y, z_a, tau=3.0)
+            loss, _ = full_range_loss(run(x_sj, T), y, z_a, tau=3.0)
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-        step.model, step.x, step.forward = run, x, lambda: run(x, T)
+        step.model, step.x, step.forward = run, x_sj, lambda: run(x_sj, T)
         return step
 
-    if compile_sj:  # its own copy: the eager twin's neuron state would invalidate the compiled guards
-        steps["spikingjelly+compile"] = sj_step(copy.deepcopy(twin), compiled=True)
-    steps["spikingjelly"] = sj_step(twin)
+    # SpikingJelly in contiguous memory (as its users run it) and, where fullrange runs
+    # channels_last, in channels_last too: its best variant is the peer.
+    layouts = (False, True) if case["channels_last"] else (False,)
+    for cl in layouts:
+        suffix = " channels_last" if cl else ""
+        if compile_sj:  # its own copy: the eager twin's neuron state would invalidate the compiled guards
+            steps["spikingjelly+compile" + suffix] = sj_step(copy.deepcopy(twin), compiled=True, channels_last=cl)
+        steps["spikingjelly" + suffix] = sj_step(copy.deepcopy(twin), channels_last=cl)
     return steps
 
 
@@ -153,7 +162,7 @@ def non_conv_share(step, device) -> float:
 
 def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool, compile_ours: bool) -> dict:
     torch._dynamo.reset()  # each case compiles afresh (guards left by an earlier case's models can fail)
-    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, cpu_variants=device.type == "cpu")
+    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, kernel_variants=True)
     for _, step in steps.items():  # warm-up (and compile)
         for _ in range(2):
             step()

@@ -6,7 +6,8 @@ runs them with the GPU benchmarks in one command.
 - the teacher cache build, a student from it and the sweep on CUDA against the same on the CPU;
 - the FFCV -> device path against a CPU decode of the same views, with the GPU lagging behind;
 - model.compile (torch.compile of the student, Triton LIF inside) against eager;
-- every memory mode (model.memory) against default under bf16 autocast, channels_last.
+- every memory mode (model.memory) against default under bf16 autocast, channels_last;
+- the fused Triton BN+LIF (model.fuse_bn_lif) against the modules unfused, fp32 and bf16.
 """
 import json
 import os
@@ -83,6 +84,43 @@ def test_memory_modes_equal_default_on_cuda(mode):
     assert torch.equal(o0, o1)
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(g0, g1))
     assert all(torch.equal(a, b) for a, b in zip(b0, b1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_bn_lif_triton_equals_modules_on_cuda(dtype, monkeypatch):
+    """A ResNet-19 training step with the fused Triton BN+LIF (model.fuse_bn_lif) against the
+    modules unfused, fp32 and bf16 autocast, channels_last: logits, gradients, BN buffers."""
+    import copy
+
+    import fullrange.kernels.bn_lif as fused_kernel
+    from fullrange.models import build_model
+    from fullrange.models.layers import _triton_fused_unusable
+    from fullrange.models.memory import set_fusion
+
+    assert _triton_fused_unusable(CUDA) is None
+    calls = []
+    real = fused_kernel.bn_lif_triton
+    monkeypatch.setattr(fused_kernel, "bn_lif_triton", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    base = build_model("spiking_resnet19_cifar", 10, 3).to(CUDA).to(memory_format=torch.channels_last)
+    x = torch.randn(8, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last)
+    results = []
+    for fuse in (True, False):
+        model = set_fusion(copy.deepcopy(base), fuse)
+        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+            out = model(x, 4)
+        (out.float() * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)).sum().backward()
+        results.append((out.detach().float(), [p.grad for p in model.parameters()], list(model.buffers())))
+    assert calls, "the fused Triton kernel did not run"
+    (o0, g0, b0), (o1, g1, b1) = results
+
+    def rel(a, b):  # bf16: the modules round BN's output to bf16, the kernel keeps it in fp32
+        return ((a.float() - b.float()).norm() / b.float().norm().clamp_min(1e-12)).item()
+
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    assert rel(o0, o1) < tol
+    assert max(rel(a, b) for a, b in zip(g0, g1)) < 10 * tol
+    assert max(rel(a, b) for a, b in zip(b0, b1) if b.is_floating_point()) < 1e-3
 
 
 DDP_STEP = r"""

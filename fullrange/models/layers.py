@@ -5,6 +5,7 @@ t*B + b holds sample b at step t). Every LIF sees the same memory viewed as [T, 
 """
 from __future__ import annotations
 
+import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -34,19 +35,29 @@ class MergedLIF(LIF):
 
 
 def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[torch.Tensor]):
-    """fullrange.kernels.bn_lif_cpu when it serves this call, else None: a training-mode affine
-    nn.BatchNorm2d on a float32 channels_last CPU tensor (residual alike), a LIF whose backend
-    resolves to the CPU kernel (neuron.resolve_backend), no autocast, eager mode, and one torch thread (the kernel runs on the
-    calling thread: with more, ATen's threaded BatchNorm and the LIF kernel are faster; the
-    one-thread-per-process layout the CPU launch configs use is where it pays)."""
-    if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and lif.backend in ("auto", "cpu")
-            and torch.get_num_threads() == 1
-            and c.device.type == "cpu" and c.dtype == torch.float32 and c.dim() == 4
-            and c.is_contiguous(memory_format=torch.channels_last)
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+    """The fused BN (+ residual) + LIF kernel that serves this call, else None. Both need a
+    training-mode affine nn.BatchNorm2d, a channels_last c [T*B, C, H, W] (residual alike),
+    eager mode, and a LIF whose backend resolves to the kernel's device (neuron.resolve_backend):
+    on CUDA fullrange.kernels.bn_lif (Triton; any autocast dtype), once its first-use check on
+    the device has passed; on the CPU fullrange.kernels.bn_lif_cpu, for float32 without
+    autocast in one-thread processes (the kernel runs on the calling thread: with more, ATen's
+    threaded BatchNorm and the LIF kernel are faster; the one-thread-per-process layout the CPU
+    launch configs use is where it pays)."""
+    if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and lif.backend != "torch"
+            and c.dim() == 4 and c.is_contiguous(memory_format=torch.channels_last)
+            and not torch.compiler.is_compiling()):
         return None
-    if residual is not None and not (residual.dtype == c.dtype and residual.shape == c.shape
+    if residual is not None and not (residual.shape == c.shape
                                      and residual.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    if c.is_cuda:
+        if resolve_backend(lif.backend, c) != "triton" or _triton_fused_unusable(c.device) is not None:
+            return None
+        from fullrange.kernels.bn_lif import bn_lif_triton
+
+        return bn_lif_triton
+    if not (c.device.type == "cpu" and c.dtype == torch.float32 and torch.get_num_threads() == 1
+            and (residual is None or residual.dtype == c.dtype) and not torch.is_autocast_enabled("cpu")):
         return None
     if resolve_backend(lif.backend, c) != "cpu":
         return None
@@ -55,12 +66,63 @@ def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[t
     return bn_lif_cpu
 
 
+_TRITON_FUSED_CHECKS: dict = {}  # str(device) -> None (the fused kernel agrees with the modules) or why not
+
+
+@torch.compiler.disable
+def _triton_fused_unusable(device: torch.device) -> Optional[str]:
+    """Why fullrange.kernels.bn_lif cannot serve `device`, or None: compiled and run once per
+    device on a small float32 batch against nn.BatchNorm2d + the LIF modules (spikes may differ
+    only where the membrane is within rounding of the threshold; gradients to 1e-4), for both
+    resets with a residual. A failure warns once; the modules then run unfused."""
+    key = str(device)
+    if key not in _TRITON_FUSED_CHECKS:
+        _TRITON_FUSED_CHECKS[key] = _triton_fused_check(device)
+        if _TRITON_FUSED_CHECKS[key] is not None:
+            warnings.warn(f"model.fuse_bn_lif: the Triton BN+LIF kernel is unusable on {key} "
+                          f"({_TRITON_FUSED_CHECKS[key]}); BatchNorm and LIF run unfused")
+    return _TRITON_FUSED_CHECKS[key]
+
+
+def _triton_fused_check(device: torch.device) -> Optional[str]:
+    import copy
+
+    g = torch.Generator().manual_seed(0)
+    c = (torch.randn(4 * 8, 16, 6, 6, generator=g) * 1.5 + 0.3).to(device)
+    r = (torch.rand(c.shape, generator=g) < 0.3).float().to(device)
+    grad = torch.randn(c.shape, generator=g).to(device)
+    c, r, grad = (t.contiguous(memory_format=torch.channels_last) for t in (c, r, grad))
+    try:
+        from fullrange.kernels.bn_lif import bn_lif_triton
+
+        with torch.enable_grad():
+            for reset, decay in (("hard", 0.5), ("soft", 0.2)):
+                lif = MergedLIF(decay=decay, reset=reset, backend="torch")
+                results = []
+                for fused in (True, False):
+                    bn = nn.BatchNorm2d(16).to(device)
+                    cc, rr = c.clone().requires_grad_(), r.clone().requires_grad_()
+                    s = bn_lif_triton(cc, bn, 4, decay, 1.0, reset, 4.0, False, rr) if fused \
+                        else lif(bn(cc) + rr, 4)
+                    (s * grad).sum().backward()
+                    results.append((s, cc.grad, rr.grad, copy.deepcopy(bn.running_var)))
+                (sa, ga, gra, va), (sb, gb, grb, vb) = results
+                if (sa != sb).float().mean().item() > 1e-3:
+                    return f"its spikes differ from the modules' ({reset} reset)"
+                for a, b in ((ga, gb), (gra, grb), (va, vb)):
+                    if not torch.allclose(a, b, rtol=1e-3, atol=1e-4):
+                        return f"its gradients or running statistics differ from the modules' ({reset} reset)"
+    except Exception as err:  # noqa: BLE001 - any compile or launch failure means: do not use it
+        return f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
+    return None
+
+
 def bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, T: int, residual: Optional[torch.Tensor] = None,
            fuse: bool = True) -> torch.Tensor:
     """spikes = lif(bn(c) + residual, T) on a time-merged c [T*B, C, H, W] (residual alike, or
-    None). With fuse, where it applies (see _fused_bn_lif; LIF backend auto/cpu) one fused CPU
-    kernel runs BatchNorm's statistics, its apply, the add and the LIF, and keeps only c (and
-    residual) for the backward; otherwise the modules run one after another."""
+    None). With fuse, where one applies (see _fused_bn_lif) one fused kernel (Triton on CUDA,
+    numba on the CPU) runs BatchNorm's statistics, its apply, the add and the LIF, and keeps
+    only c (and residual) for the backward; otherwise the modules run one after another."""
     fused = _fused_bn_lif(bn, lif, c, residual) if fuse else None
     if fused is not None:
         return fused(c, bn, T, lif.decay, lif.threshold, lif.reset, lif.surrogate_alpha, lif.detach_reset, residual)
