@@ -8,7 +8,7 @@ optimizer step. fullrange runs as its trainer does (channels_last where the reci
 LIF backend auto, the guarded fused SGD); SpikingJelly as a user of it would (its multi-step
 layers, contiguous memory, LIFNode in its default implementation for the device, torch SGD),
 plain and under torch.compile, in contiguous memory and, where fullrange runs channels_last, in
-channels_last too (its best variant is the peer). Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
+channels_last too (compiled in both on the CPU only; its best variant is the peer). Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
 batch 16, 32 px), preact ResNet-34 (T=4, 224 px; batch 2 on CPU, 64 on CUDA).
 fullrange also runs in each memory mode (model.memory: spikes_1bit, checkpoint), and with
 model.compile (on CUDA, or with --compile-ours), with model.fuse_bn_lif false ("unfused": the
@@ -123,11 +123,13 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
         return step
 
     # SpikingJelly in contiguous memory (as its users run it) and, where fullrange runs
-    # channels_last, in channels_last too: its best variant is the peer.
+    # channels_last, in channels_last too (compiled in both only on the CPU: each inductor
+    # compile costs a minute of a lent GPU's time): its best variant is the peer.
     layouts = (False, True) if case["channels_last"] else (False,)
     for cl in layouts:
         suffix = " channels_last" if cl else ""
-        if compile_sj:  # its own copy: the eager twin's neuron state would invalidate the compiled guards
+        if compile_sj and not (cl and device.type == "cuda"):  # its own copy: the eager twin's
+            # neuron state would invalidate the compiled guards
             steps["spikingjelly+compile" + suffix] = sj_step(copy.deepcopy(twin), compiled=True, channels_last=cl)
         steps["spikingjelly" + suffix] = sj_step(copy.deepcopy(twin), channels_last=cl)
     return steps

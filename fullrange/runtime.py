@@ -59,6 +59,24 @@ def check_trackers(names) -> list[str]:
     return list(names or ())
 
 
+def keep_freed_cpu_memory() -> bool:
+    """Make glibc's malloc keep freed memory for reuse (no mmap'd blocks, no trimming), so a
+    training loop's same-sized tensors come back without page faults: every step of a CPU run
+    otherwise re-faults its large activations (~1.5 us per 4 KiB page), ~20% of a demo step.
+    The resident set then stays at the run's peak, as a GPU caching allocator's does. True when
+    applied (glibc); elsewhere nothing changes. M_MMAP_MAX = 0, M_TRIM_THRESHOLD = 2^31 - 1."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+    return mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, 2**31 - 1) == 1
+
+
 def make_accelerator(timeout_s: int = 1800, log_with: list[str] | None = None, project_dir=None) -> Accelerator:
     """Accelerator for this process with the launch's precision; the process group (gloo on
     CPU, nccl on CUDA) only when launched with several processes (WORLD_SIZE > 1). timeout_s
@@ -69,6 +87,7 @@ def make_accelerator(timeout_s: int = 1800, log_with: list[str] | None = None, p
     deepspeed = _flag("ACCELERATE_USE_DEEPSPEED")
     if on_cpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # DeepSpeed would otherwise warn on every rank
+        keep_freed_cpu_memory()
     precision = launch_precision()
     check_precision(precision, on_cpu, deepspeed)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))

@@ -13,9 +13,9 @@ Kernels, each a grid of [ROWS, BLOCK_C] tiles (loads coalesced along the channel
              programs are merged in float64 by torch (no atomics: deterministic).
   _fire      reads c (and r), writes only the spikes; y and h stay in registers.
   _grad_lif  recomputes h - threshold for the program's columns into g_y's memory (the same
-             program reads it back at once), runs the LIF's reverse-time recurrence (the formula
-             of fullrange.kernels.lif), writes g_y (= the residual's gradient) and per-program
-             partial sums of g_y and g_y * xhat.
+             program reads it back at once), runs the LIF's reverse-time recurrence
+             (fullrange.kernels.lif.lif_grad_step), writes g_y (= the residual's gradient) and
+             per-program partial sums of g_y and g_y * xhat.
   _grad_bn   g_c = weight * invstd * (g_y - mean(g_y) - xhat * mean(g_y * xhat)).
 Autograd keeps c (and r): no BN output, no LIF state. Running statistics update as
 nn.BatchNorm2d does (momentum, or the cumulative average when momentum is None; unbiased
@@ -33,7 +33,11 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .batchnorm import running_stats_weight
 from .lif import _TRITON_ERROR, triton, tl
+
+if triton is not None:
+    from .lif import lif_grad_step
 
 __all__ = ["bn_lif_triton", "SUPPORTED_DTYPES"]
 
@@ -136,20 +140,7 @@ if triton is not None:
             offs -= step
             d = tl.load(gy_ptr + offs, mask=mask, other=0.0)
             gs = tl.load(gs_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(alpha * d)
-            sg = alpha * sig * (1.0 - sig)
-            if SOFT_RESET:
-                if DETACH_RESET:
-                    carry = decay * g_next
-                else:
-                    carry = decay * g_next * (1.0 - threshold * sg)
-            else:
-                not_s = tl.where(d >= 0.0, 0.0, 1.0)
-                if DETACH_RESET:
-                    carry = decay * g_next * not_s
-                else:
-                    carry = decay * g_next * (not_s - (d + threshold) * sg)
-            g = tl.where(mask, gs * sg + carry, 0.0)
+            g = tl.where(mask, lif_grad_step(gs, d, g_next, decay, threshold, alpha, SOFT_RESET, DETACH_RESET), 0.0)
             tl.store(gy_ptr + offs, g, mask=mask)
             g_next = g
             xhat = (tl.load(c_ptr + offs, mask=mask, other=0.0).to(tl.float32) - mu) * invstd
@@ -277,11 +268,6 @@ def bn_lif_triton(c: Tensor, bn: torch.nn.BatchNorm2d, T: int, decay: float, thr
         raise RuntimeError(f"fullrange.kernels.bn_lif: triton is not importable ({_TRITON_ERROR})")
     if c.device.type == "cpu" and not _INTERPRET:
         raise RuntimeError("fullrange.kernels.bn_lif: needs a GPU tensor (or TRITON_INTERPRET=1 for tests)")
-    factor = 0.0
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    elif bn.momentum is not None:
-        factor = bn.momentum
+    factor = running_stats_weight(bn)
     lif = (float(decay), float(threshold), reset == "soft", float(surrogate_alpha), bool(detach_reset))
-    return _BNLIF.apply(c, bn.weight, bn.bias, residual, bn, float(factor), T, lif)
+    return _BNLIF.apply(c, bn.weight, bn.bias, residual, bn, factor, T, lif)

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
+from .batchnorm import running_stats_weight
 from .lif_cpu import _NUMBA_ERROR, _grad_constants, _scalars
 
 __all__ = ["bn_lif_cpu"]
@@ -200,8 +201,8 @@ class _BNLIF(torch.autograd.Function):
         sum_g, sum_gx = _fold(sg_rep, C), _fold(sgx_rep, C)
         count = c.numel() // C
         grad_c = None
-        if ctx.needs_input_grad[0]:  # in place over g_y unless g_y is also the residual's gradient
-            grad_c = torch.empty_like(gy) if has_r and ctx.needs_input_grad[3] else gy
+        if ctx.needs_input_grad[0]:  # not in place over g_y: LLVM's vector loop refuses overlapping
+            grad_c = torch.empty_like(gy)  # arrays (the in-place pass ran scalar, 2.7x slower)
             scale = weight.detach().double().numpy() * invstd
             _grad_bn(_tpc(c, T), _tpc(gy, T), n, mean_rep, invstd_rep, _rep(scale, n), _rep(sum_g / count, n),
                      _rep(sum_gx / count, n), _tpc(grad_c, T))
@@ -216,11 +217,6 @@ def bn_lif_cpu(c: Tensor, bn: torch.nn.BatchNorm2d, T: int, decay: float, thresh
     """spikes = LIF(bn(c) + residual) for a training-mode nn.BatchNorm2d (affine) on a float32
     channels_last c [T*B, C, H, W] (residual: same shape and layout, or None), fused; the
     running statistics and num_batches_tracked update as bn(c) would. Spikes channels_last."""
-    factor = 0.0
-    if bn.track_running_stats and bn.num_batches_tracked is not None:
-        bn.num_batches_tracked.add_(1)
-        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    elif bn.momentum is not None:
-        factor = bn.momentum
+    factor = running_stats_weight(bn)
     lif = (float(decay), float(threshold), reset == "soft", float(surrogate_alpha), bool(detach_reset))
-    return _BNLIF.apply(c, bn.weight, bn.bias, residual, bn, float(factor), T, lif)
+    return _BNLIF.apply(c, bn.weight, bn.bias, residual, bn, factor, T, lif)

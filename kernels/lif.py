@@ -97,6 +97,27 @@ if triton is not None:
             s_ptrs += N
             d_ptrs += N
 
+    @triton.jit
+    def lif_grad_step(gs, d, g_next, decay, threshold, alpha, SOFT_RESET: tl.constexpr, DETACH_RESET: tl.constexpr):
+        """g_h_t (float32) from g_s_t, d = h_t - threshold (float32) and g_h_{t+1}: the backward
+        of the module docstring, shared with fullrange.kernels.bn_lif."""
+        sig = tl.sigmoid(alpha * d)
+        sg = alpha * sig * (1.0 - sig)
+        if SOFT_RESET:
+            if DETACH_RESET:
+                carry = decay * g_next
+            else:
+                carry = decay * g_next * (1.0 - threshold * sg)
+        else:
+            # Spike = sign bit clear (d >= +0): a negative d rounded to -0 stays "no spike".
+            spike = d.to(tl.int32, bitcast=True) >= 0
+            not_s = tl.where(spike, 0.0, 1.0)
+            if DETACH_RESET:
+                carry = decay * g_next * not_s
+            else:
+                carry = decay * g_next * (not_s - (d + threshold) * sg)
+        return gs * sg + carry
+
     @triton.jit(do_not_specialize=["T", "last_offset"])
     def _lif_bwd_kernel(
         gs_ptr, d_ptr, gx_ptr,  # [T, N] contiguous
@@ -115,22 +136,7 @@ if triton is not None:
         for _ in range(T):
             gs = tl.load(gs_ptrs, mask=mask, other=0.0).to(tl.float32)
             d = tl.load(d_ptrs, mask=mask, other=0.0).to(tl.float32)
-            sig = tl.sigmoid(alpha * d)
-            sg = alpha * sig * (1.0 - sig)
-            if SOFT_RESET:
-                if DETACH_RESET:
-                    carry = decay * g_next
-                else:
-                    carry = decay * g_next * (1.0 - threshold * sg)
-            else:
-                # Spike = sign bit clear (d >= +0): a negative d rounded to -0 stays "no spike".
-                spike = d.to(tl.int32, bitcast=True) >= 0
-                not_s = tl.where(spike, 0.0, 1.0)
-                if DETACH_RESET:
-                    carry = decay * g_next * not_s
-                else:
-                    carry = decay * g_next * (not_s - (d + threshold) * sg)
-            g = gs * sg + carry
+            g = lif_grad_step(gs, d, g_next, decay, threshold, alpha, SOFT_RESET, DETACH_RESET)
             tl.store(gx_ptrs, g.to(gx_ptr.dtype.element_ty), mask=mask)
             g_next = g
             gs_ptrs -= N
