@@ -8,12 +8,15 @@ optimizer step. fullrange runs as its trainer does (channels_last where the reci
 LIF backend auto, the guarded fused SGD); SpikingJelly as a user of it would (its multi-step
 layers, contiguous memory, LIFNode in its default implementation for the device, torch SGD),
 plain and under torch.compile, in contiguous memory and, where fullrange runs channels_last, in
-channels_last too (compiled in both on the CPU only; its best variant is the peer). Cases: the demo student (T=4, batch 128, 28 px), ResNet-19 (T=6,
-batch 16, 32 px), preact ResNet-34 (T=4, 224 px; batch 2 on CPU, 64 on CUDA).
-fullrange also runs in each memory mode (model.memory: spikes_1bit, checkpoint), and with
-model.compile (on CUDA, or with --compile-ours), with model.fuse_bn_lif false ("unfused": the
-BatchNorm and LIF modules one after another) and, on top of that, neuron.backend torch (the
-plain torch path the CPU kernels replace), each on its own copy of the weights.
+channels_last too (compiled in both on the CPU only; its best variant is the peer). Cases: the
+demo student (T=4, batch 128, 28 px), ResNet-19 (T=6, batch 16, 32 px), preact ResNet-34 (T=4,
+224 px; batch 2 on CPU, 64 on CUDA). The process keeps freed memory as fullrange's CPU runs do
+(runtime.keep_freed_cpu_memory), for both. fullrange also runs in each memory mode
+(model.memory: spikes_1bit, checkpoint), and with model.compile (on CUDA, or with
+--compile-ours), on CUDA with model.fuse_bn_lif false ("unfused": BatchNorm and LIF modules
+instead of the fused Triton kernel), and with those modules and neuron.backend torch
+("unfused+lif=torch": the plain torch path the LIF kernels replace), each on its own copy of the
+weights.
 Prints per case: median step time of each (warm-up 2 steps, then --repeats rounds round-robin),
 their ratio, the step's peak memory above the memory before it (bench/memory_probe.py), and
 for the demo student and ResNet-19 `non_conv_share`: the fraction of fullrange's step time
@@ -44,6 +47,7 @@ from fullrange.models import build_model  # noqa: E402
 from fullrange.models.memory import MEMORY_MODES, set_fusion, set_memory  # noqa: E402
 from fullrange.neuron import LIF  # noqa: E402
 from fullrange.optim import GuardedStep, build_optimizer  # noqa: E402
+from fullrange.runtime import keep_freed_cpu_memory  # noqa: E402
 
 CASES = {
     "demo": dict(model="spiking_resnet_tiny", T=4, batch=128, size=28, channels=1, classes=10, channels_last=True),
@@ -99,14 +103,14 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
         compiled = copy.deepcopy(ours)
         compiled.compile()
         steps["fullrange+compile"] = _fullrange_step(compiled, x_ours, y, z_a, T)
-    if kernel_variants:  # the fused BN+LIF and LIF kernels against the plain torch path they replace
+    if kernel_variants:  # the kernels against the plain torch path they replace
         unfused = set_fusion(copy.deepcopy(ours), False)  # model.fuse_bn_lif: false
-        steps["fullrange unfused"] = _fullrange_step(unfused, x_ours, y, z_a, T)
-        plain = copy.deepcopy(unfused)
-        for m in plain.modules():
+        if device.type == "cuda":  # the fused Triton BN + LIF (the CPU runs the modules anyway)
+            steps["fullrange unfused"] = _fullrange_step(unfused, x_ours, y, z_a, T)
+        for m in unfused.modules():
             if isinstance(m, LIF):
                 m.backend = "torch"  # neuron.backend: torch
-        steps["fullrange unfused+lif=torch"] = _fullrange_step(plain, x_ours, y, z_a, T)
+        steps["fullrange unfused+lif=torch"] = _fullrange_step(unfused, x_ours, y, z_a, T)
     def sj_step(model, compiled=False, channels_last=False):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         x_sj = x
@@ -195,6 +199,7 @@ def main(argv=None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
+        keep_freed_cpu_memory()
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"one training step, {where}; medians of {args.repeats} interleaved repeats")
     ratios = []

@@ -47,7 +47,7 @@ class ModelConfig:
     in_channels: int = rule(1, gt=0)
     sync_bn: bool = False                            # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
     memory: str = rule("default", choices=MEMORY_MODES)  # students: what the backward keeps (fullrange.models.memory)
-    fuse_bn_lif: bool = True                         # BN (+ residual) + LIF as one kernel where one serves (models.layers.bn_lif)
+    fuse_bn_lif: bool = True                         # CUDA: BN (+ residual) + LIF as one Triton kernel (models.layers.bn_lif)
     compile: bool = False                            # torch.compile of the forward (nn.Module.compile: same keys)
 
 

@@ -1,7 +1,6 @@
 """BatchNorm (training mode) + optional residual add + multi-step LIF, fused, in Triton.
 
-The GPU twin of ``fullrange.kernels.bn_lif_cpu`` (same math, same passes). For a conv output
-c [T*B, C, H, W] in channels_last memory, viewed as [T, P, C] (P = B*H*W; channels innermost),
+For a conv output c [T*B, C, H, W] in channels_last memory, viewed as [T, P, C] (P = B*H*W; channels innermost),
 batch statistics over (T, P) per channel, then
 
     y = c * a + b (+ r),   a = weight * invstd,  b = bias - mean * a
@@ -33,7 +32,6 @@ import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
-from .batchnorm import running_stats_weight
 from .lif import _TRITON_ERROR, triton, tl
 
 if triton is not None:
@@ -256,6 +254,16 @@ class _BNLIF(torch.autograd.Function):
         grad_b = sum_g.to(weight.dtype) if ctx.needs_input_grad[2] else None
         grad_r = gy.to(r.dtype) if has_r and ctx.needs_input_grad[3] else None
         return grad_c, grad_w, grad_b, grad_r, None, None, None, None
+
+
+def running_stats_weight(bn: torch.nn.BatchNorm2d) -> float:
+    """Advance bn.num_batches_tracked as bn(x) does in training, and return the weight of this
+    batch's statistics in the running ones: bn.momentum, or 1 / batches when momentum is None
+    (the cumulative average; reading the counter is a host sync, as in nn.BatchNorm2d)."""
+    if bn.track_running_stats and bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+        return 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else float(bn.momentum)
+    return float(bn.momentum) if bn.momentum is not None else 0.0
 
 
 def bn_lif_triton(c: Tensor, bn: torch.nn.BatchNorm2d, T: int, decay: float, threshold: float, reset: str,

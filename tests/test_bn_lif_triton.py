@@ -3,9 +3,11 @@ nn.BatchNorm2d followed by the LIF reference loop, in float64.
 
 The kernels run on the CPU only under TRITON_INTERPRET=1, read when triton decorates them, so
 the kernel work runs in one subprocess (this file as a script with --worker) and prints a JSON
-report the tests read. Inputs are drawn as in tests/test_bn_lif.py (no float64 membrane within
-1e-3 of the threshold), so spikes must be equal; gradients, the affine parameters' gradients and
-the running statistics to float32 accuracy (bfloat16 input: to its 8 significant bits).
+report the tests read. Inputs are drawn so that no float64 membrane lies within 1e-3 of the
+threshold (where float32 rounding may legitimately decide), so spikes must be equal; gradients,
+the affine parameters' gradients and the running statistics to float32 accuracy (bfloat16
+input: to its 8 significant bits). Where the kernel does not serve (the CPU, eval mode, ...)
+models.layers.bn_lif runs the modules.
 """
 from __future__ import annotations
 
@@ -30,13 +32,45 @@ CASES = [  # (name, T, B, C, H, reset, decay, detach_reset, residual, dtype)
 ]
 
 
+def _reference(bn, c, T, r, lif_args):
+    """float64 nn.BatchNorm2d (training) -> + r -> lif_reference: (spikes, h, bn in float64)."""
+    import copy
+
+    from fullrange.neuron import lif_reference
+
+    bn64 = copy.deepcopy(bn).double()
+    y = bn64(c)
+    if r is not None:
+        y = y + r
+    spikes, h, _ = lif_reference(y.view(T, -1, *y.shape[1:]), **lif_args)
+    return spikes.view(y.shape), h, bn64
+
+
+def _inputs(T, B, C, H, seed, residual, lif_args):
+    """channels_last c (and residual spikes) whose float64 membranes avoid the threshold by 1e-3."""
+    import torch
+    from torch import nn
+
+    g = torch.Generator().manual_seed(seed)
+    bn = nn.BatchNorm2d(C, momentum=0.1 if seed % 2 else None)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5, generator=g)
+        bn.bias.uniform_(-0.3, 0.5, generator=g)
+        bn.running_mean.uniform_(-0.2, 0.2, generator=g)
+    for _ in range(50):
+        c = (torch.randn(T * B, C, H, H, generator=g, dtype=torch.float64) * 1.5 + 0.3).float()
+        r = (torch.rand(T * B, C, H, H, generator=g) < 0.3).float() if residual else None
+        _, h, _ = _reference(bn, c.double(), T, None if r is None else r.double(), lif_args)
+        if (h - lif_args["threshold"]).abs().min() > 1e-3:
+            cl = c.contiguous(memory_format=torch.channels_last)
+            return bn, cl, None if r is None else r.contiguous(memory_format=torch.channels_last)
+    raise AssertionError("no input without near-threshold membranes")
+
+
 def _worker() -> None:
     import copy
 
     import torch
-
-    sys.path.insert(0, str(REPO / "tests"))
-    from test_bn_lif import _inputs, _reference
 
     from fullrange.kernels.bn_lif import bn_lif_triton
 
@@ -116,6 +150,21 @@ def test_first_use_check_passes(report):
 def test_statistics_merge_many_tiles(report):
     r = report["statistics"]
     assert r["mean_rel"] < 1e-6 and r["var_rel"] < 1e-4 and r["unbiased_rel"] < 1e-4, r
+
+
+def test_the_modules_run_where_the_kernel_does_not_serve():
+    import torch
+    from torch import nn
+
+    from fullrange.models import layers
+
+    bn, lif = nn.BatchNorm2d(4), layers.MergedLIF()
+    cl = torch.randn(6, 4, 3, 3).contiguous(memory_format=torch.channels_last)
+    assert layers._fused_bn_lif(bn, lif, cl, None) is None  # a CPU tensor: the modules
+    c = cl.clone().requires_grad_()
+    spikes = layers.bn_lif(bn, lif, c, 2)
+    reference = layers.MergedLIF()(nn.BatchNorm2d(4)(cl), 2)
+    assert torch.equal(spikes, reference) and spikes.grad_fn is not None
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--worker"]:

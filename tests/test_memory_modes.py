@@ -85,10 +85,9 @@ def test_mode_equals_default_in_training(reset, family, mode):
     _assert_same(ref, got)
 
 
-@pytest.mark.parametrize("autocast", [False, True])  # fp32: the fused BN + LIF kernel; bf16: the modules
+@pytest.mark.parametrize("autocast", [False, True])
 @pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint"])
-def test_mode_equals_default_in_channels_last(mode, autocast, monkeypatch):
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)  # where the fused kernel serves
+def test_mode_equals_default_in_channels_last(mode, autocast):
     torch.manual_seed(0)
     base = build_model("spiking_resnet_tiny", 10, 1).train().to(memory_format=torch.channels_last)
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3)).contiguous(

@@ -35,35 +35,24 @@ class MergedLIF(LIF):
 
 
 def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[torch.Tensor]):
-    """The fused BN (+ residual) + LIF kernel that serves this call, else None. Both need a
-    training-mode affine nn.BatchNorm2d, a channels_last c [T*B, C, H, W] (residual alike),
-    eager mode, and a LIF whose backend resolves to the kernel's device (neuron.resolve_backend):
-    on CUDA fullrange.kernels.bn_lif (Triton; any autocast dtype), once its first-use check on
-    the device has passed; on the CPU fullrange.kernels.bn_lif_cpu, for float32 without
-    autocast in one-thread processes (the kernel runs on the calling thread: with more, ATen's
-    threaded BatchNorm and the LIF kernel are faster; the one-thread-per-process layout the CPU
-    launch configs use is where it pays)."""
-    if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and lif.backend != "torch"
+    """fullrange.kernels.bn_lif (Triton) when it serves this call, else None: a training-mode
+    affine nn.BatchNorm2d on a CUDA channels_last c [T*B, C, H, W] (residual alike; any
+    autocast dtype), eager mode, a LIF whose backend resolves to Triton
+    (neuron.resolve_backend), once the kernel's first-use check on the device has passed.
+    On the CPU the modules run: a fused numba kernel was measured no faster end to end than
+    ATen's BatchNorm + the LIF kernel (BENCHMARKS.md) and was removed."""
+    if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and lif.backend != "torch" and c.is_cuda
             and c.dim() == 4 and c.is_contiguous(memory_format=torch.channels_last)
             and not torch.compiler.is_compiling()):
         return None
     if residual is not None and not (residual.shape == c.shape
                                      and residual.is_contiguous(memory_format=torch.channels_last)):
         return None
-    if c.is_cuda:
-        if resolve_backend(lif.backend, c) != "triton" or _triton_fused_unusable(c.device) is not None:
-            return None
-        from fullrange.kernels.bn_lif import bn_lif_triton
-
-        return bn_lif_triton
-    if not (c.device.type == "cpu" and c.dtype == torch.float32 and torch.get_num_threads() == 1
-            and (residual is None or residual.dtype == c.dtype) and not torch.is_autocast_enabled("cpu")):
+    if resolve_backend(lif.backend, c) != "triton" or _triton_fused_unusable(c.device) is not None:
         return None
-    if resolve_backend(lif.backend, c) != "cpu":
-        return None
-    from fullrange.kernels.bn_lif_cpu import bn_lif_cpu
+    from fullrange.kernels.bn_lif import bn_lif_triton
 
-    return bn_lif_cpu
+    return bn_lif_triton
 
 
 _TRITON_FUSED_CHECKS: dict = {}  # str(device) -> None (the fused kernel agrees with the modules) or why not
@@ -120,9 +109,9 @@ def _triton_fused_check(device: torch.device) -> Optional[str]:
 def bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, T: int, residual: Optional[torch.Tensor] = None,
            fuse: bool = True) -> torch.Tensor:
     """spikes = lif(bn(c) + residual, T) on a time-merged c [T*B, C, H, W] (residual alike, or
-    None). With fuse, where one applies (see _fused_bn_lif) one fused kernel (Triton on CUDA,
-    numba on the CPU) runs BatchNorm's statistics, its apply, the add and the LIF, and keeps
-    only c (and residual) for the backward; otherwise the modules run one after another."""
+    None). With fuse, where it applies (CUDA; see _fused_bn_lif) one fused Triton kernel runs
+    BatchNorm's statistics, its apply, the add and the LIF, and keeps only c (and residual) for
+    the backward; otherwise the modules run one after another."""
     fused = _fused_bn_lif(bn, lif, c, residual) if fuse else None
     if fused is not None:
         return fused(c, bn, T, lif.decay, lif.threshold, lif.reset, lif.surrogate_alpha, lif.detach_reset, residual)
