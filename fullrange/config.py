@@ -101,7 +101,6 @@ class LossConfig:
     beta: float = rule(0.5, ge=0)                    # weight of the self-distillation term
     tau: float = rule(1.0, gt=0)                     # temperature
     sd_target: str = rule("ensemble", choices=SD_TARGETS)  # ensemble (paper) | correct_only (official code)
-    sd_warmup_epochs: float = rule(0.0, ge=0)        # beta ramps linearly from 0 over these epochs (not in the paper)
 
 
 @dataclass

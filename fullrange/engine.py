@@ -33,7 +33,7 @@ from fullrange.config import ConfigError, RunConfig, save_config
 from fullrange.data import BatchPreparer, ViewSpec, device_batches, train_loader, val_loader, view_epoch
 from fullrange.evaluate import accuracies, all_reduce_counts, logits_over_time, prefix_counts
 from fullrange.inputs import check_inputs
-from fullrange.losses import NEEDS_TEACHER, student_loss, warmed_up
+from fullrange.losses import NEEDS_TEACHER, student_loss
 from fullrange.metrics import MetricsLog, StepClock, trim_metrics
 from fullrange.models import build_model, is_spiking
 from fullrange.models.memory import set_fusion, set_memory
@@ -139,8 +139,7 @@ class Trainer:
         with autocast(self.acc.device, self.precision):
             z_a = self.targets.targets(x, batch.host_indices, batch.view) if self.targets else None
             z = logits_over_time(self.model, x, self.T, self.spiking)
-            beta = warmed_up(cfg.loss.beta, self.step / self.steps_per_epoch, cfg.loss.sd_warmup_epochs)
-            loss, parts = student_loss(cfg.loss.kind, z, y, z_a, cfg.loss.alpha, beta, cfg.loss.tau,
+            loss, parts = student_loss(cfg.loss.kind, z, y, z_a, cfg.loss.alpha, cfg.loss.beta, cfg.loss.tau,
                                        cfg.loss.sd_target)
         self.acc.backward(loss)  # DeepSpeed: also clips, checks for inf/NaN and steps
         if self.guarded_step is not None:

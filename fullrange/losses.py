@@ -107,16 +107,6 @@ def ce_loss(student_logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return ce, {"ce": ce.detach()}
 
 
-def warmed_up(weight: float, epochs_done: float, warmup_epochs: float) -> float:
-    """``weight`` ramped linearly from 0 over the first ``warmup_epochs`` (0: constant).
-
-    ``epochs_done`` counts optimizer steps in epochs (step / steps_per_epoch), so the ramp
-    moves every step and a resumed run continues it exactly."""
-    if warmup_epochs <= 0:
-        return weight
-    return weight * min(1.0, epochs_done / warmup_epochs)
-
-
 def student_loss(kind: str, student_logits: torch.Tensor, labels: torch.Tensor,
                  teacher_logits: torch.Tensor | None, alpha: float, beta: float, tau: float,
                  sd_target: str) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from fullrange.losses import ce_loss, full_range_loss, skd_loss, student_loss, tet_loss, warmed_up
+from fullrange.losses import ce_loss, full_range_loss, skd_loss, student_loss, tet_loss
 
 
 def softmax(v, tau=1.0):
@@ -129,28 +129,3 @@ def test_dispatch_and_errors():
     with pytest.raises(ValueError, match="sd_target"):
         full_range_loss(z, y, za, sd_target="bad")
 
-
-def test_warmed_up_ramp():
-    assert warmed_up(0.5, 3.0, 0.0) == 0.5
-    assert warmed_up(0.5, 0.0, 4.0) == 0.0
-    assert warmed_up(0.5, 1.0, 4.0) == pytest.approx(0.125)
-    assert warmed_up(0.5, 6.0, 4.0) == 0.5
-
-
-def test_sd_warmup_ramps_beta_in_training(tmp_path, tiny_data, teacher_file):
-    """Every logged step's loss is TWCE + alpha TWKL + beta_s TWSD with beta_s ramped per step."""
-    from conftest import REPO, student_overrides
-    from fullrange.config import load_config
-    from fullrange.engine import train
-    from fullrange.metrics import read_metrics
-    from fullrange.runtime import make_accelerator
-
-    cfg = load_config(str(REPO / "configs" / "fmnist.yaml"), student_overrides(
-        tiny_data, teacher_file, tmp_path, name="warm", log_every=1, **{"loss.sd_warmup_epochs": 2}))
-    train(cfg, make_accelerator())
-    lines = [m for m in read_metrics(tmp_path / "warm" / "metrics.jsonl") if "twsd" in m]
-    assert len(lines) == 8  # 256 samples / batch 32: 8 steps, one epoch of the 2-epoch ramp
-    for m in lines:
-        beta = 0.5 * (m["step"] - 1) / 16  # the step's loss uses the steps done before it
-        assert m["loss"] == pytest.approx(m["twce"] + 0.2 * m["twkl"] + beta * m["twsd"], rel=1e-5)
-        assert m["twsd"] > 1e-4  # the term is there; only its weight ramps

@@ -25,8 +25,9 @@ def test_tables_give_mean_std_and_verdicts(tmp_path):
         # full-range: +1.0, +1.1, +0.9 at T'=1 (a win), -0.5, +0.5, 0 at T'=2 (a tie), -1 at T'=3
         fr = [top1[0] + 1.0 + 0.1 * (seed == 1) - 0.1 * (seed == 2), top1[1] + [-0.5, 0.5, 0.0][seed], top1[2] - 1]
         (results / f"full_range_ensemble_e5_s{seed}.json").write_text(json.dumps(_report(fr)))
-        # an option: +0.3 over full-range at every T' on every seed
+        # an option: +0.3 over full-range at every T' on every seed; the baseline rerun beside it: +0.1
         (results / f"full_range_sd_warmup_e5_s{seed}.json").write_text(json.dumps(_report([v + 0.3 for v in fr])))
+        (results / f"full_range_ensemble_rerun_e5_s{seed}.json").write_text(json.dumps(_report([v + 0.1 for v in fr])))
     out = tmp_path / "EXPERIMENTS.md"
     out.write_text("# Experiments\n\nintro kept\n\n<!-- tables -->\nold tables\n")
     study_report.main(str(results), str(out), str(tmp_path / "study.png"))
@@ -38,7 +39,9 @@ def test_tables_give_mean_std_and_verdicts(tmp_path):
     assert "-1.00 ± 0.00 (loss)" in row[0]
     options = text.split("## The options against the paper's full-range")[1].split("##")[0]
     assert "| method - full-range | T'=1 | T'=2 | T'=3 |" in options
-    assert "| full-range, beta warmed up over half the budget (not in the paper) | +0.30 ± 0.00 (win) |" in options
+    assert "| full-range, beta warmed up over half the budget (measured, then removed) | +0.20 ± 0.00 (win) |" in options
+    reproduction = text.split("## The same runs in two sessions")[1].split("##")[0]
+    assert "| full-range (ensemble) again, beside the options | +0.10 ± 0.00 (win) |" in reproduction
     assert "full-range (sd_target ensemble" not in options.split("|---|")[1]  # the base is not its own row
     assert (tmp_path / "study.png").stat().st_size > 10_000
 
@@ -55,7 +58,6 @@ def test_study_dry_run_lists_every_run():
     lines = done.stdout.splitlines()
     assert len(lines) == 21
     for method in ("full_range_ensemble", "full_range_correct_only", "skd", "tet", "ce", "full_range_no_sd",
-                   "full_range_sd_warmup"):
+                   "full_range_ensemble_rerun"):
         assert sum(line.startswith(f"{method}_e12_s") for line in lines) == 3
-    assert all("loss.sd_warmup_epochs=6" in line for line in lines if line.startswith("full_range_sd_warmup"))
     assert all("loss.beta=0" in line for line in lines if line.startswith("full_range_no_sd"))
