@@ -4,11 +4,11 @@
 # Setup: a venv over the machine's own CUDA torch (--system-site-packages), fullrange installed
 # editable without dependencies, and the wheels in .whl/ (scripts/gpu_wheels.sh fetches them on a
 # machine with PyPI: spikingjelly, loguru, and an ffcv wheel with its libraries) when present.
-# Then: pytest -m gpu, bench/lif.py (T=4, N=2^24, bf16, against SpikingJelly's Triton and CuPy
-# backends), bench/train_step.py (preact ResNet-34, T=4, bf16, batch 64, 224 px), bench/step.py
-# (every case against SpikingJelly, plain and compiled, every memory mode) and bench/memory.py
-# (activation peak of every memory mode against SpikingJelly and its memopt).
-# Budget: about 11 minutes on one H100-class GPU.
+# Then: pytest -m gpu, bench/step.py (every case against SpikingJelly, plain and compiled, every
+# memory mode, the fused Triton BN + LIF against the modules), bench/memory.py (activation peak of
+# every memory mode against SpikingJelly and its memopt), bench/lif.py (T=4, N=2^24, bf16, against
+# SpikingJelly's Triton and CuPy backends) and bench/train_step.py (preact ResNet-34, T=4, bf16,
+# batch 64, 224 px). Budget: at most 9 minutes after setup (never measured on a GPU yet).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT_DIR="${OUT:-$PWD/gpu_check}"
@@ -28,13 +28,14 @@ export PATH="$VENV/bin:$PATH" PYTHONUNBUFFERED=1 SETUPTOOLS_USE_DISTUTILS=local 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader >"$OUT_DIR/gpu.txt" 2>&1
 
 status=0
-timeout 300 python -m pytest -m gpu tests -q -rs --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 \
+# Most important first; the timeouts add up to 540 s, so the whole check fits one 10-minute call.
+timeout 150 python -m pytest -m gpu tests -q -rs --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 \
     | tee "$OUT_DIR/gpu_tests.log" | tail -n 25 || status=1
-timeout 150 python bench/lif.py --n 16777216 --t 4 --dtype bfloat16 2>&1 | tee "$OUT_DIR/bench_lif.log" | tail -n 30
-timeout 90 python bench/train_step.py --model spiking_preact_resnet34 --T 4 --batch 64 --size 224 2>&1 \
+timeout 180 python bench/step.py --repeats 5 2>&1 | tee "$OUT_DIR/bench_step_vs_sj.log" | tail -n 12
+timeout 90 python bench/memory.py --cases demo,resnet19,preact34 2>&1 | tee "$OUT_DIR/bench_memory.log" | tail -n 20
+timeout 75 python bench/lif.py --n 16777216 --t 4 --dtype bfloat16 2>&1 | tee "$OUT_DIR/bench_lif.log" | tail -n 30
+timeout 45 python bench/train_step.py --model spiking_preact_resnet34 --T 4 --batch 64 --size 224 2>&1 \
     | tee "$OUT_DIR/bench_step.log" | tail -n 3
-timeout 150 python bench/step.py --repeats 5 2>&1 | tee "$OUT_DIR/bench_step_vs_sj.log" | tail -n 12
-timeout 120 python bench/memory.py --cases demo,resnet19,preact34 2>&1 | tee "$OUT_DIR/bench_memory.log" | tail -n 20
 
 python - "$OUT_DIR" <<'PY'
 import json, re, sys
