@@ -48,8 +48,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
-__all__ = ["LIF", "lif", "lif_multistep", "lif_reference", "lif_membrane", "resolve_backend", "check_lif_args",
-           "RESETS", "BACKENDS"]
+__all__ = ["LIF", "lif", "lif_input_grad", "lif_multistep", "lif_reference", "lif_membrane", "resolve_backend",
+           "check_lif_args", "RESETS", "BACKENDS"]
 
 
 def check_lif_args(decay: float, threshold: float, reset: str, surrogate_alpha: float,
@@ -401,6 +401,27 @@ def lif(x: torch.Tensor, decay: float = 0.5, threshold: float = 1.0, reset: str 
     return _lif_torch(x, decay, threshold, reset, surrogate_alpha, detach_reset)
 
 
+def lif_input_grad(x: torch.Tensor, grad_spikes: torch.Tensor, decay: float, threshold: float, reset: str,
+                   surrogate_alpha: float, detach_reset: bool, backend: str = "auto") -> torch.Tensor:
+    """dL/dx of lif(x, ...) from its input x[T, ...] and dL/dspikes (x's shape), for callers that
+    kept x instead of the LIF's graph: the CPU kernel's backward (it recomputes h from x), the
+    torch backend's forward loop (h - threshold) and backward, or autograd through the Triton
+    kernel. Exactly the gradient lif's own backward gives."""
+    chosen = resolve_backend(backend, x)
+    if chosen == "cpu":
+        from fullrange.kernels.lif_cpu import lif_input_grad_cpu
+
+        return lif_input_grad_cpu(grad_spikes, x, decay, threshold, reset, surrogate_alpha, detach_reset)
+    if chosen == "torch":
+        _, h_minus_th = _lif_forward(x.contiguous(), float(decay), float(threshold), reset == "hard", save_h=True)
+        return _lif_backward(grad_spikes.contiguous(), h_minus_th, float(decay), float(threshold), reset == "hard",
+                             float(surrogate_alpha), detach_reset)
+    with torch.enable_grad():
+        x = x.detach().requires_grad_()
+        return torch.autograd.grad(lif(x, decay, threshold, reset, surrogate_alpha, detach_reset, backend), x,
+                                   grad_spikes)[0]
+
+
 class LIF(nn.Module):
     """Multi-step LIF neuron: forward(x[T, ...]) -> spikes[T, ...] in x's dtype.
 
@@ -423,6 +444,11 @@ class LIF(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return lif(x, self.decay, self.threshold, self.reset, self.surrogate_alpha,
                    self.detach_reset, self.backend)
+
+    def input_grad(self, x: torch.Tensor, grad_spikes: torch.Tensor) -> torch.Tensor:
+        """dL/dx of forward(x) from x[T, ...] and dL/dspikes, without the forward's graph (lif_input_grad)."""
+        return lif_input_grad(x, grad_spikes, self.decay, self.threshold, self.reset, self.surrogate_alpha,
+                              self.detach_reset, self.backend)
 
     def extra_repr(self) -> str:
         return (f"decay={self.decay}, threshold={self.threshold}, reset={self.reset!r}, "

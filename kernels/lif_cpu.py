@@ -766,6 +766,16 @@ def _eager(x: Tensor) -> bool:
 # ---------------------------------------------------------------- public entry point
 
 
+def lif_input_grad_cpu(grad_spikes: Tensor, x: Tensor, decay: float, threshold: float, reset: str,
+                       surrogate_alpha: float, detach_reset: bool) -> Tensor:
+    """dL/dx of lif_multistep_cpu from its input x [T, ...] and dL/dspikes, without a forward:
+    the kernel's backward, which recomputes h from x (for callers that kept x and not the graph,
+    e.g. the spikes_1bit neuron unit). Contiguous, x's shape and dtype."""
+    return _backward_impl(grad_spikes, x, float(decay), float(threshold), reset == "soft",
+                          float(surrogate_alpha), bool(detach_reset))
+
+
+
 def lif_multistep_cpu(x: Tensor, decay: float, threshold: float, reset: str, surrogate_alpha: float,
                       detach_reset: bool) -> Tensor:
     """Multi-step LIF on a time-major CPU x [T, ...] (float32 or float64); spikes like x.

@@ -10,7 +10,7 @@ from torch.autograd.gradcheck import GradcheckError
 
 import fullrange.neuron as neuron_mod
 from fullrange.kernels.lif_cpu import cpu_kernel_available
-from fullrange.neuron import LIF, lif, lif_membrane, lif_multistep, resolve_backend
+from fullrange.neuron import LIF, lif, lif_input_grad, lif_membrane, lif_multistep, resolve_backend
 from fullrange.neuron import lif_reference
 
 needs_numba = pytest.mark.skipif(not cpu_kernel_available(), reason="numba is not importable")
@@ -53,6 +53,36 @@ def test_matches_reference(reset, detach, T, decay, theta, alpha, backend):
     assert torch.equal(m(x), s)
     with torch.no_grad():  # the inference path saves nothing but must fire identically
         assert torch.equal(m(x), s)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("reset, detach", [("hard", False), ("hard", True), ("soft", False), ("soft", True)])
+def test_input_grad_equals_autograd_through_the_forward(reset, detach, dtype, backend):
+    """lif_input_grad (the backward from the kept input, no forward graph: spikes_1bit's neuron
+    unit) gives exactly the gradient autograd gives through lif on the same backend."""
+    if backend == "cpu" and dtype == torch.bfloat16:
+        pytest.skip("the CPU kernel serves float32/float64 only")
+    x = make_input(5, shape=(7, 9), seed=3, dtype=dtype)
+    grad_out = torch.randn(x.shape, generator=torch.Generator().manual_seed(2)).to(dtype)
+    xr = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(lif(xr, 0.4, 0.9, reset, 3.0, detach, backend=backend), xr, grad_out)
+    got = lif_input_grad(x, grad_out, 0.4, 0.9, reset, 3.0, detach, backend=backend)
+    assert got.dtype == expected.dtype and torch.equal(got, expected)
+    assert expected.abs().sum() > 0
+
+
+def test_merged_input_grad_keeps_the_channels_last_layout():
+    from fullrange.models.layers import MergedLIF
+
+    m = MergedLIF(decay=0.5, reset="hard")
+    x = (torch.randn(3 * 2, 4, 5, 6, generator=torch.Generator().manual_seed(4)) + 0.8).contiguous(
+        memory_format=torch.channels_last)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(5))  # contiguous: another layout
+    xr = x.clone().requires_grad_()
+    (expected,) = torch.autograd.grad(m(xr, 3), xr, g)
+    got = m.input_grad(x, g, 3)
+    assert torch.equal(got, expected) and got.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_module_is_stateless_and_accepts_noncontiguous():

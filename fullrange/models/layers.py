@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from fullrange.models.memory import SpikeConv2d
+from fullrange.models.memory import MemoryModes, NeuronUnitCPU, SpikeConv2d, recomputed
 from fullrange.neuron import LIF, resolve_backend
 
 
@@ -22,16 +22,34 @@ class MergedLIF(LIF):
     """
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
-        if x.shape[0] % T:
-            raise ValueError(f"MergedLIF: leading dim {x.shape[0]} is not a multiple of T={T}")
-        B = x.shape[0] // T
-        if x.dim() == 4 and not x.is_contiguous() and \
-                x.is_contiguous(memory_format=torch.channels_last):
-            xp = x.permute(0, 2, 3, 1)  # contiguous NHWC view; LIF is elementwise
-            out = super().forward(xp.view(T, B, *xp.shape[1:]))
-            return out.view(xp.shape).permute(0, 3, 1, 2)
-        x = x.contiguous()
-        return super().forward(x.view(T, B, *x.shape[1:])).view(x.shape)
+        nhwc = _channels_last(x)
+        return _merged(super().forward(_time_major(x, T, nhwc)), nhwc)
+
+    def input_grad(self, x: torch.Tensor, grad_spikes: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
+        """dL/dx[T*B, ...] of forward(x, T) from x and dL/dspikes, without the forward's graph
+        (neuron.lif_input_grad); in x's layout."""
+        nhwc = _channels_last(x)
+        return _merged(super().input_grad(_time_major(x, T, nhwc), _time_major(grad_spikes, T, nhwc)), nhwc)
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _time_major(x: torch.Tensor, T: int, nhwc: bool) -> torch.Tensor:
+    """x[T*B, C, H, W] (or [T*B, ...]) -> [T, B, ...] in memory order: [T, B, H, W, C] when nhwc
+    (a view of a channels_last x, LIF being elementwise), else [T, B, C, H, W]; a view where x
+    is laid out so, else a copy."""
+    if x.shape[0] % T:
+        raise ValueError(f"MergedLIF: leading dim {x.shape[0]} is not a multiple of T={T}")
+    xp = x.permute(0, 2, 3, 1) if nhwc else x
+    return xp.reshape(T, x.shape[0] // T, *xp.shape[1:])
+
+
+def _merged(y: torch.Tensor, nhwc: bool) -> torch.Tensor:
+    """Inverse of _time_major on a contiguous y: [T*B, C, H, W] (channels_last when nhwc)."""
+    y = y.view(-1, *y.shape[2:])
+    return y.permute(0, 3, 1, 2) if nhwc else y
 
 
 def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[torch.Tensor]):
@@ -117,6 +135,32 @@ def bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, T: int, residual: Optional[
         return fused(c, bn, T, lif.decay, lif.threshold, lif.reset, lif.surrogate_alpha, lif.detach_reset, residual)
     y = bn(c)
     return lif(y if residual is None else y + residual, T)
+
+
+class NeuronUnits(MemoryModes):
+    """A spiking student or block whose forward runs BatchNorm (+ residual) -> LIF units."""
+
+    def neuron_unit(self, bn: nn.Module, lif: nn.Module, c: torch.Tensor, T: int,
+                    residual: Optional[torch.Tensor] = None, residual_bn: Optional[nn.Module] = None) -> torch.Tensor:
+        """spikes = lif(bn(c) + r, T) (layers.bn_lif), r = residual_bn(residual) where the block
+        has a downsample shortcut, residual (a spike tensor) where it has an identity one, or
+        nothing. c, residual [T*B, C, H, W]. In spikes_1bit it keeps only c and residual (a
+        spike residual as bits) and recomputes BatchNorm, the add and the LIF in the backward:
+        on the CPU with the lean NeuronUnitCPU, elsewhere with `recomputed` (in checkpoint mode
+        the whole block is recomputed; a second, nested recompute raised the demo's peak)."""
+        fuse = self.fuse_bn_lif
+        if self.memory != "spikes_1bit":
+            return bn_lif(bn, lif, c, T, residual if residual_bn is None else residual_bn(residual), fuse)
+        bns = (bn,) if residual_bn is None else (bn, residual_bn)
+        if NeuronUnitCPU.serves(c, bns) and torch.is_grad_enabled():
+            params = [p for m in bns for p in (m.weight, m.bias)]
+            return NeuronUnitCPU.apply(c, residual, bn, residual_bn, lif, T, *params)
+        if residual is None:
+            return recomputed(lambda c_: bn_lif(bn, lif, c_, T, fuse=fuse), (c,), bns, (False,))
+        if residual_bn is None:
+            return recomputed(lambda c_, r: bn_lif(bn, lif, c_, T, r, fuse), (c, residual), bns, (False, True))
+        return recomputed(lambda c_, cd: bn_lif(bn, lif, c_, T, residual_bn(cd), fuse), (c, residual), bns,
+                          (False, False))
 
 
 def encode_direct(x: torch.Tensor, T: Optional[int]) -> Tuple[torch.Tensor, int]:

@@ -6,7 +6,7 @@
                  input bit-packed, 1 bit per element instead of 2-4 bytes; its backward unpacks
                  it and calls the same ATen backward as autograd, so gradients are bit-identical.
                  Each BatchNorm (+ residual) -> LIF keeps only the conv output it normalises and
-                 recomputes BN-apply, the add and the LIF in the backward (MemoryModes.neuron_unit).
+                 recomputes BN-apply, the add and the LIF in the backward (layers.NeuronUnits).
     checkpoint   every residual block (and the stem) is recomputed in the backward: a block
                  keeps only its input (bit-packed when it is a spike tensor) and its forward runs
                  a second time, in the backward, under the forward's autocast state; BatchNorm
@@ -18,7 +18,7 @@ differ (bench/memory.py, bench/step.py). Inference (no_grad, eval) runs the plai
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable, List, Sequence
+from typing import Callable, Iterable, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -249,7 +249,7 @@ def recomputed(run: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
 
 class MemoryModes(nn.Module):
     """Base of the spiking students and their blocks: `memory` (one of MEMORY_MODES, set by
-    set_memory), read by the two ways their forward runs a piece of the network."""
+    set_memory), read by `segment` here and by layers.NeuronUnits.neuron_unit."""
 
     memory = "default"
     fuse_bn_lif = True  # model.fuse_bn_lif: BatchNorm + LIF as one kernel where one serves (layers.bn_lif)
@@ -261,15 +261,71 @@ class MemoryModes(nn.Module):
             return recomputed(run, inputs, modules, spikes)
         return run(*inputs)
 
-    def neuron_unit(self, run: Callable[..., torch.Tensor], inputs: Sequence[torch.Tensor],
-                    modules: Sequence[nn.Module], spikes: Sequence[bool]) -> torch.Tensor:
-        """BatchNorm (+ a residual) -> LIF: in spikes_1bit it keeps only its inputs (the conv
-        output; a spike residual as bits) and recomputes BN-apply, the add and the LIF in the
-        backward, instead of keeping the BN output and the LIF's state. (In checkpoint mode the
-        whole block is recomputed; a second, nested recompute raised the demo's peak.)"""
-        if self.memory == "spikes_1bit":
-            return recomputed(run, inputs, modules, spikes)
-        return run(*inputs)
+
+class NeuronUnitCPU(torch.autograd.Function):
+    """spikes_1bit's BatchNorm (+ residual) -> LIF on the CPU, keeping only c (and the residual:
+    a spike tensor as bits, a downsample's conv output as it is) for the backward.
+
+    forward: the modules as the default mode runs them (so the spikes and the running
+    statistics are the default's), under no_grad. backward: BatchNorm's output again from c by
+    aten.native_batch_norm on the batch statistics (bit-identical to the module's, which runs
+    the same kernel on the CPU; tests/test_memory_modes.py), the add, the LIF's input gradient
+    (MergedLIF.input_grad: the CPU kernel's backward alone, which recomputes h from its input)
+    and aten.native_batch_norm_backward: the kernels autograd runs in the default mode, without
+    a second forward of the LIF, a nested autograd graph or a copy of the running statistics
+    (the demo step's spikes_1bit overhead went from +30% to +23%; BENCHMARKS.md).
+    params: each BatchNorm's weight and bias (bn's, then residual_bn's)."""
+
+    @staticmethod
+    def serves(c: torch.Tensor, bns: Sequence[nn.Module]) -> bool:
+        return c.device.type == "cpu" and all(type(m) is nn.BatchNorm2d and m.training and m.affine for m in bns)
+
+    @staticmethod
+    def forward(ctx, c, residual, bn, residual_bn, lif, T, *params):
+        with torch.no_grad():
+            y = bn(c)
+            if residual is not None:
+                y = y + (residual if residual_bn is None else residual_bn(residual))
+            spikes = lif(y, T)
+        spike_residual = residual is not None and residual_bn is None
+        saved_residual, ctx.meta = _packed_once(residual, residual.dtype) if spike_residual else (residual, None)
+        ctx.save_for_backward(c, saved_residual)
+        ctx.modules, ctx.T = (bn, residual_bn, lif), T
+        ctx.autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+        return spikes
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_spikes):
+        c, residual = ctx.saved_tensors
+        bn, residual_bn, lif = ctx.modules
+        enabled, dtype = ctx.autocast
+        with torch.autocast("cpu", dtype=dtype, enabled=enabled):
+            y, mean, invstd = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
+            if residual_bn is not None:
+                r, mean_r, invstd_r = torch.ops.aten.native_batch_norm(
+                    residual, residual_bn.weight, residual_bn.bias, None, None, True, 0.0, residual_bn.eps)
+            elif residual is not None:
+                r = unpack_spikes(residual, ctx.meta)
+            else:
+                r = None
+            y_dtype, r_dtype = y.dtype, (None if residual is None else r.dtype)
+            z = y if residual is None else y + r
+            del y, r  # the backward's peak: keep no more than z, then its gradient
+            grad_z = lif.input_grad(z, grad_spikes, ctx.T)
+            del z
+        needs = ctx.needs_input_grad
+        grad_c, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_z.to(y_dtype), c, bn.weight, None, None, mean, invstd, True, bn.eps, [needs[0], needs[6], needs[7]])
+        grad_res, grads_rbn = None, (None, None)
+        if residual_bn is not None:
+            grad_res, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                grad_z.to(r_dtype), residual, residual_bn.weight, None, None, mean_r, invstd_r, True,
+                residual_bn.eps, [needs[1], needs[8], needs[9]])
+            grads_rbn = (gw, gb)
+        elif residual is not None and needs[1]:
+            grad_res = grad_z.to(r_dtype)
+        return (grad_c, grad_res, None, None, None, None, grad_w, grad_b, *grads_rbn)[:len(needs)]
 
 
 def set_fusion(model: nn.Module, on: bool) -> nn.Module:

@@ -21,13 +21,13 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, bn_lif, conv3x3, downsample, encode_direct, kaiming_init
+from fullrange.models.layers import MergedLIF, NeuronUnits, conv3x3, downsample, encode_direct, kaiming_init
 from fullrange.models.memory import MemoryModes
 
 IMAGENET_NEURON = {"decay": 0.2, "reset": "soft"}
 
 
-class SpikingPreActBlock(MemoryModes):
+class SpikingPreActBlock(NeuronUnits):
     """LIF-conv-BN-LIF-conv-BN + identity/downsample on [T*B, C, H, W] (real-valued stream)."""
 
     def __init__(self, in_planes: int, planes: int, stride: int, neuron: dict) -> None:
@@ -42,8 +42,7 @@ class SpikingPreActBlock(MemoryModes):
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
         c1 = self.conv1(self.lif1(x, T))
-        out = self.neuron_unit(lambda c: bn_lif(self.bn1, self.lif2, c, T, fuse=self.fuse_bn_lif), (c1,),
-                               (self.bn1,), (False,))
+        out = self.neuron_unit(self.bn1, self.lif2, c1, T)
         out = self.bn2(self.conv2(out))
         return out + (x if self.downsample is None else self.downsample(x))
 

@@ -20,11 +20,11 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, bn_lif, conv3x3, downsample, encode_direct
-from fullrange.models.memory import MemoryModes, SpikeLinear
+from fullrange.models.layers import MergedLIF, NeuronUnits, conv3x3, downsample, encode_direct
+from fullrange.models.memory import SpikeLinear
 
 
-class SpikingBasicBlock(MemoryModes):
+class SpikingBasicBlock(NeuronUnits):
     """conv-BN-LIF-conv-BN (+ shortcut) -> LIF on [T*B, C, H, W]; spikes in, spikes out."""
 
     def __init__(self, in_planes: int, planes: int, stride: int, neuron: dict) -> None:
@@ -38,19 +38,15 @@ class SpikingBasicBlock(MemoryModes):
         self.lif2 = MergedLIF(**neuron)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        fuse = self.fuse_bn_lif
-        out = self.neuron_unit(lambda c: bn_lif(self.bn1, self.lif1, c, T, fuse=fuse), (self.conv1(x),),
-                               (self.bn1,), (False,))
+        out = self.neuron_unit(self.bn1, self.lif1, self.conv1(x), T)
         c2 = self.conv2(out)
         if self.downsample is None:  # identity shortcut: x is a spike tensor
-            return self.neuron_unit(lambda c, r: bn_lif(self.bn2, self.lif2, c, T, r, fuse), (c2, x),
-                                    (self.bn2,), (False, True))
+            return self.neuron_unit(self.bn2, self.lif2, c2, T, x)
         conv_d, bn_d = self.downsample
-        return self.neuron_unit(lambda c, cd: bn_lif(self.bn2, self.lif2, c, T, bn_d(cd), fuse), (c2, conv_d(x)),
-                                (self.bn2, bn_d), (False, False))
+        return self.neuron_unit(self.bn2, self.lif2, c2, T, conv_d(x), bn_d)
 
 
-class SpikingResNet(MemoryModes):
+class SpikingResNet(NeuronUnits):
     """Generic CIFAR-style spiking ResNet (3x3 stride-1 stem, no max-pool).
 
     Args:
@@ -96,8 +92,7 @@ class SpikingResNet(MemoryModes):
         self.fc = (SpikeLinear if hidden else nn.Linear)(in_planes, num_classes)
 
     def _stem(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        return self.neuron_unit(lambda c: bn_lif(self.bn1, self.lif1, c, T, fuse=self.fuse_bn_lif),
-                                (self.conv1(x),), (self.bn1,), (False,))
+        return self.neuron_unit(self.bn1, self.lif1, self.conv1(x), T)
 
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
