@@ -12,7 +12,8 @@ GPU check). Two measures, per image:
           recompute from this count, so it flatters checkpointed models);
   peak    the step's peak memory above the memory before it (peak RSS on the CPU,
           max_memory_allocated on CUDA; bench/memory_probe.py): what decides.
-fullrange runs in each memory mode (model.memory: default, spikes_1bit, checkpoint). Last line:
+fullrange runs in each memory mode (model.memory: default, spikes_1bit, checkpoint) and in
+spikes_1bit with its first two blocks recomputed ("spikes_1bit+2": model.recompute_blocks=2). Last line:
 `activation_peak_ratio_vs_spikingjelly_memopt=X`, SpikingJelly memopt's peak over the peak of
 fullrange's leanest mode, the worse (smaller) of the cases: at least 1 means fullrange needs no
 more.
@@ -37,7 +38,8 @@ from step import CASES, make_steps  # noqa: E402
 # glibc: serve every allocation above 64 KiB by mmap and unmap it when freed (a fixed threshold
 # also stops glibc from raising it), so the CPU's resident set follows the live tensors.
 MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-IMPLS = ("fullrange", "fullrange spikes_1bit", "fullrange checkpoint", "spikingjelly", "spikingjelly memopt")
+IMPLS = ("fullrange", "fullrange spikes_1bit", "fullrange spikes_1bit+2", "fullrange checkpoint", "spikingjelly",
+         "spikingjelly memopt")
 
 
 def measure(case_name: str, impl: str) -> dict:

@@ -12,7 +12,8 @@ channels_last too (compiled in both on the CPU only; its best variant is the pee
 demo student (T=4, batch 128, 28 px), ResNet-19 (T=6, batch 16, 32 px), preact ResNet-34 (T=4,
 224 px; batch 2 on CPU, 64 on CUDA). The process keeps freed memory as fullrange's CPU runs do
 (runtime.keep_freed_cpu_memory), for both. fullrange also runs in each memory mode
-(model.memory: spikes_1bit, checkpoint), and with model.compile (on CUDA, or with
+(model.memory: spikes_1bit, spikes_1bit with model.recompute_blocks=2 ("spikes_1bit+2"),
+checkpoint), and with model.compile (on CUDA, or with
 --compile-ours), on CUDA with model.fuse_bn_lif false ("unfused": BatchNorm and LIF modules
 instead of the fused Triton kernel), and with those modules and neuron.backend torch
 ("unfused+lif=torch": the plain torch path the LIF kernels replace), each on its own copy of the
@@ -44,10 +45,13 @@ from sj_models import parity, sj_twin  # noqa: E402
 from fullrange.config import OptimConfig  # noqa: E402
 from fullrange.losses import full_range_loss  # noqa: E402
 from fullrange.models import build_model  # noqa: E402
-from fullrange.models.memory import MEMORY_MODES, set_fusion, set_memory  # noqa: E402
+from fullrange.models.memory import set_fusion, set_memory  # noqa: E402
 from fullrange.neuron import LIF  # noqa: E402
 from fullrange.optim import GuardedStep, build_optimizer  # noqa: E402
 from fullrange.runtime import keep_freed_cpu_memory  # noqa: E402
+
+# fullrange's memory variants: model.memory, or "spikes_1bit+N" (model.recompute_blocks=N)
+MEMORY_VARIANTS = ("default", "spikes_1bit", "spikes_1bit+2", "checkpoint")
 
 CASES = {
     "demo": dict(model="spiking_resnet_tiny", T=4, batch=128, size=28, channels=1, classes=10, channels_last=True),
@@ -96,8 +100,9 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
         ours, x_ours = ours.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
     T = case["T"]
     steps = {}
-    for mode in memory_modes:
-        model = ours if mode == "default" else set_memory(copy.deepcopy(ours), mode)
+    for mode in memory_modes:  # a model.memory, or "spikes_1bit+N": model.recompute_blocks=N
+        name, _, blocks = mode.partition("+")
+        model = ours if mode == "default" else set_memory(copy.deepcopy(ours), name, int(blocks or 0))
         steps["fullrange" if mode == "default" else f"fullrange {mode}"] = _fullrange_step(model, x_ours, y, z_a, T)
     if compile_ours:  # model.compile: true
         compiled = copy.deepcopy(ours)
@@ -168,7 +173,7 @@ def non_conv_share(step, device) -> float:
 
 def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool, compile_ours: bool) -> dict:
     torch._dynamo.reset()  # each case compiles afresh (guards left by an earlier case's models can fail)
-    steps = make_steps(case, device, compile_sj, MEMORY_MODES, compile_ours, kernel_variants=True)
+    steps = make_steps(case, device, compile_sj, MEMORY_VARIANTS, compile_ours, kernel_variants=True)
     for _, step in steps.items():  # warm-up (and compile)
         for _ in range(2):
             step()

@@ -47,6 +47,7 @@ class ModelConfig:
     in_channels: int = rule(1, gt=0)
     sync_bn: bool = False                            # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
     memory: str = rule("default", choices=MEMORY_MODES)  # students: what the backward keeps (fullrange.models.memory)
+    recompute_blocks: int = rule(0, ge=0)            # spikes_1bit: the first N residual blocks recomputed as in checkpoint
     fuse_bn_lif: bool = True                         # CUDA: BN (+ residual) + LIF as one Triton kernel (models.layers.bn_lif)
     compile: bool = False                            # torch.compile of the forward (nn.Module.compile: same keys)
 
@@ -267,6 +268,8 @@ def validate(cfg: RunConfig) -> None:
     if not is_spiking(cfg.model.name) and cfg.model.memory != "default":
         raise ConfigError(f"config key model.memory: memory modes are for spiking students; an ANN model "
                           f"({cfg.model.name}) takes 'default', got {cfg.model.memory!r}")
+    if cfg.model.recompute_blocks:
+        _check_recompute_blocks(cfg.model)
     if not is_spiking(cfg.model.name) and cfg.loss.kind != "ce":
         raise ConfigError(f"config key loss.kind: an ANN model ({cfg.model.name}) trains with 'ce', "
                           f"got {cfg.loss.kind!r}")
@@ -280,6 +283,24 @@ def validate(cfg: RunConfig) -> None:
                               "needs a teacher (a model name and a weights file)")
         if is_spiking(cfg.teacher.name):
             raise ConfigError(f"config key teacher.name: expected an ANN model, got spiking {cfg.teacher.name!r}")
+
+
+def _check_recompute_blocks(model: ModelConfig) -> None:
+    """model.recompute_blocks: a spikes_1bit student with at least that many residual blocks
+    (counted on a weightless build of the model, on the meta device)."""
+    if model.memory != "spikes_1bit":
+        raise ConfigError(f"config key model.recompute_blocks: recomputes blocks of a model.memory=spikes_1bit "
+                          f"student, got model.memory={model.memory!r} (checkpoint recomputes every block)")
+    import torch
+
+    from fullrange.models import build_model
+    from fullrange.models.memory import residual_blocks
+
+    with torch.device("meta"):
+        n = len(residual_blocks(build_model(model.name, model.num_classes, model.in_channels)))
+    if model.recompute_blocks > n:
+        raise ConfigError(f"config key model.recompute_blocks: {model.name} has {n} residual blocks, "
+                          f"got {model.recompute_blocks}")
 
 
 def get_key(cfg: RunConfig, dotted: str) -> Any:

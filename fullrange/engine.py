@@ -53,7 +53,7 @@ def build_model_for(cfg: RunConfig, acc: Accelerator, console: Console) -> nn.Mo
     not under DeepSpeed) and a compiled forward (model.compile)."""
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
     if is_spiking(cfg.model.name):
-        set_fusion(set_memory(model, cfg.model.memory), cfg.model.fuse_bn_lif)
+        set_fusion(set_memory(model, cfg.model.memory, cfg.model.recompute_blocks), cfg.model.fuse_bn_lif)
     if cfg.model.sync_bn and acc.num_processes > 1:
         if acc.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -8,7 +8,8 @@ import torch
 
 from fullrange.config import ConfigError, load_config
 from fullrange.models import build_model
-from fullrange.models.memory import MEMORY_MODES, SpikeConv2d, pack_spikes, set_memory, unpack_spikes
+from fullrange.models.memory import (MEMORY_MODES, SpikeConv2d, pack_spikes, residual_blocks, set_memory,
+                                     unpack_spikes)
 from fullrange.models.spiking_preact_resnet import SpikingPreActResNet
 from fullrange.models.spiking_resnet import SpikingResNet
 
@@ -73,27 +74,33 @@ def _assert_same(a, b, exact=True):
         assert torch.equal(buf_a[k], buf_b[k]), k
 
 
+def _in_mode(model, mode):
+    """mode: a memory mode, or "spikes_1bit+N": spikes_1bit with the first N blocks recomputed."""
+    name, _, n = mode.partition("+")
+    return set_memory(model, name, int(n or 0))
+
+
 @pytest.mark.parametrize("reset", ["hard", "soft"])
 @pytest.mark.parametrize("family", ["cifar", "preact"])
-@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint"])
+@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint", "spikes_1bit+1"])
 def test_mode_equals_default_in_training(reset, family, mode):
     base = _small_models(reset)[family].train()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2
     ref = _step(copy.deepcopy(base), x, 3)
-    got = _step(set_memory(copy.deepcopy(base), mode), x, 3)
+    got = _step(_in_mode(copy.deepcopy(base), mode), x, 3)
     assert ref[1]["conv1.weight"].abs().sum() > 0  # gradients reach the stem
     _assert_same(ref, got)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint"])
+@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint", "spikes_1bit+2"])
 def test_mode_equals_default_in_channels_last(mode, autocast):
     torch.manual_seed(0)
     base = build_model("spiking_resnet_tiny", 10, 1).train().to(memory_format=torch.channels_last)
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3)).contiguous(
         memory_format=torch.channels_last)
     ref = _step(copy.deepcopy(base), x, 2, autocast=autocast)
-    got = _step(set_memory(copy.deepcopy(base), mode), x, 2, autocast=autocast)
+    got = _step(_in_mode(copy.deepcopy(base), mode), x, 2, autocast=autocast)
     assert ref[0].dtype == (torch.bfloat16 if autocast else torch.float32)
     _assert_same(ref, got)
 
@@ -144,6 +151,27 @@ def test_checkpoint_keeps_only_block_inputs():
     expected = rows * (28 * 28 * 4 + (16 * 28 * 28 + 16 * 14 * 14 + 32 * 7 * 7) // 8 + 64 * 4)
     assert ckpt == expected
     assert one_bit < 0.8 * default and ckpt < 0.05 * default
+    # the first block recomputed: it no longer keeps its three convolution outputs at 14x14 (fp32)
+    # nor its second conv's input bits; its own input's bits it keeps (shared with spikes_1bit's
+    # copy, one storage); the stem and the other blocks keep what spikes_1bit keeps
+    mixed_model = set_memory(copy.deepcopy(base), "spikes_1bit", recompute_blocks=1)
+    assert [b.memory for b in residual_blocks(mixed_model)] == ["checkpoint", "spikes_1bit", "spikes_1bit"]
+    assert not any(c.pack_input for c in mixed_model.layer1.modules() if isinstance(c, SpikeConv2d))
+    mixed = _saved_bytes(mixed_model, x, 4)
+    assert mixed == one_bit - rows * (3 * 16 * 14 * 14 * 4 + 16 * 14 * 14 // 8)
+
+
+def test_recompute_blocks_needs_spikes_1bit_and_enough_blocks():
+    model = build_model("spiking_resnet_tiny", 10, 1)
+    for mode, n in (("checkpoint", 1), ("default", 2), ("spikes_1bit", 4)):
+        with pytest.raises(ValueError, match="model.recompute_blocks"):
+            set_memory(model, mode, recompute_blocks=n)
+    base = ["model.memory=spikes_1bit", "loss.kind=ce"]
+    assert load_config(None, [*base, "model.recompute_blocks=3"]).model.recompute_blocks == 3
+    with pytest.raises(ConfigError, match="spiking_resnet_tiny has 3 residual blocks, got 4"):
+        load_config(None, [*base, "model.recompute_blocks=4"])
+    with pytest.raises(ConfigError, match="model.recompute_blocks: recomputes blocks of a model.memory=spikes_1bit"):
+        load_config(None, ["loss.kind=ce", "model.recompute_blocks=1"])
 
 
 def test_set_memory_refuses_ann_and_unknown_mode():

@@ -77,7 +77,7 @@ class SpikingPreActResNet(MemoryModes):
         x = self.segment(lambda z: self.maxpool(self.bn1(self.conv1(z))), (x,), (self.conv1, self.bn1), (False,))
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
-                x = self.segment(partial(block, T=T), (x,), (block,), (False,))
+                x = block.segment(partial(block, T=T), (x,), (block,), (False,))
         x = self.fc(torch.flatten(self.avgpool(x), 1))
         return x.view(T, -1, x.shape[-1])
 

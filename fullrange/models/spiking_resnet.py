@@ -100,7 +100,7 @@ class SpikingResNet(NeuronUnits):
         x = self.segment(partial(self._stem, T=T), (x,), (self.conv1, self.bn1), (False,))
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
-                x = self.segment(partial(block, T=T), (x,), (block,), (True,))
+                x = block.segment(partial(block, T=T), (x,), (block,), (True,))
         x = torch.flatten(self.avgpool(x), 1)
         if self.head_fc is not None:
             x = self.head_lif(self.head_fc(x), T)
