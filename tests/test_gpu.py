@@ -6,7 +6,8 @@ runs them with the GPU benchmarks in one command.
 - the teacher cache build, a student from it and the sweep on CUDA against the same on the CPU;
 - the FFCV -> device path against a CPU decode of the same views, with the GPU lagging behind;
 - model.compile (torch.compile of the student, Triton LIF inside) against eager;
-- every memory mode (model.memory) against default under bf16 autocast, channels_last;
+- every memory mode (model.memory, and spikes_1bit with model.recompute_blocks) against default
+  under bf16 autocast, channels_last;
 - the fused Triton BN+LIF (model.fuse_bn_lif) against the modules unfused, fp32 and bf16.
 """
 import json
@@ -64,7 +65,7 @@ def test_torch_compile_around_lif():
         assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint"])
+@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint", "spikes_1bit+2"])
 def test_memory_modes_equal_default_on_cuda(mode):
     import copy
 
@@ -75,7 +76,8 @@ def test_memory_modes_equal_default_on_cuda(mode):
     base = build_model("spiking_resnet19_cifar", 10, 3).to(CUDA).to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last)
     results = []
-    for model in (copy.deepcopy(base), set_memory(copy.deepcopy(base), mode)):
+    name, _, blocks = mode.partition("+")  # "spikes_1bit+N": model.recompute_blocks=N
+    for model in (copy.deepcopy(base), set_memory(copy.deepcopy(base), name, int(blocks or 0))):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x, 4)
         (out.float() * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)).sum().backward()
