@@ -18,7 +18,8 @@ checkpoint), and with model.compile (on CUDA, or with
 instead of the fused Triton kernel), and with those modules and neuron.backend torch
 ("unfused+lif=torch": the plain torch path the LIF kernels replace), each on its own copy of the
 weights.
-Prints per case: median step time of each (warm-up 2 steps, then --repeats rounds round-robin),
+Each case runs in a fresh process (earlier cases' memory slowed later ones). Prints per case:
+median step time of each (warm-up 2 steps, then --repeats rounds round-robin),
 their ratio, the step's peak memory above the memory before it (bench/memory_probe.py), and
 for the demo student and ResNet-19 `non_conv_share`: the fraction of fullrange's step time
 (torch.profiler, self time) outside convolution forward and backward. Last line:
@@ -31,6 +32,7 @@ import argparse
 import copy
 import math
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -200,7 +202,26 @@ def main(argv=None) -> None:
     p.add_argument("--no-compile", action="store_true", help="skip SpikingJelly under torch.compile")
     p.add_argument("--compile-ours", action="store_true",
                    help="also fullrange with model.compile (default on CUDA; on the CPU inductor's first compile takes minutes)")
+    p.add_argument("--in-process", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    names = args.cases.split(",")
+    if len(names) > 1 and not args.in_process:
+        # one fresh process per case: run after ResNet-19 in the same process, preact-34's default
+        # fullrange step measured 605 ms against 494 ms alone (its deep copies were not slowed)
+        flags = [f"--repeats={args.repeats}", f"--threads={args.threads}"] + \
+            ["--no-compile"] * args.no_compile + ["--compile-ours"] * args.compile_ours
+        ratios = []
+        for name in names:
+            done = subprocess.run([sys.executable, __file__, "--cases", name, "--in-process", *flags],
+                                  capture_output=True, text=True)
+            lines = done.stdout.splitlines()
+            print("\n".join(line for line in lines if not line.startswith("step_ratio_vs_spikingjelly=")), flush=True)
+            ratio = [line.split("=")[1] for line in lines if line.startswith("step_ratio_vs_spikingjelly=")]
+            if done.returncode or not ratio:
+                sys.exit(f"bench/step.py: case {name} failed\n{done.stderr[-3000:]}")
+            ratios.append(float(ratio[0]))
+        print(f"step_ratio_vs_spikingjelly={math.exp(statistics.fmean(math.log(v) for v in ratios)):.3f}")
+        return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
@@ -208,7 +229,7 @@ def main(argv=None) -> None:
     where = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"one training step, {where}; medians of {args.repeats} interleaved repeats")
     ratios = []
-    for name in args.cases.split(","):
+    for name in names:
         r = run_case(name, CASES[name], device, args.repeats, not args.no_compile,
                      args.compile_ours or device.type == "cuda")
         ratios.append(r["ratio"])

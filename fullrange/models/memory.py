@@ -15,8 +15,8 @@
 set_memory(model, "spikes_1bit", recompute_blocks=N) (`model.recompute_blocks`) mixes the two:
 the first N residual blocks run as in checkpoint, the rest as in spikes_1bit. The early blocks
 hold the most activation for the same compute, so a few of them buy most of checkpoint's
-saving: ResNet-19 with N=2 peaks 3.1x below default at +11% step time, where spikes_1bit alone
-is 2.5x (+5%) and checkpoint 3.4x (+33%) (BENCHMARKS.md).
+saving: ResNet-19 with N=2 peaks 3.1x below default at +7-15% step time, where spikes_1bit
+alone is 2.5x (+5%) and checkpoint 3.4x (+30%) (BENCHMARKS.md).
 
 Every mode gives the same spikes, logits, gradients and running statistics as `default`
 (tests/test_memory_modes.py); only the memory held between forward and backward and the time
