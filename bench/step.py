@@ -194,6 +194,10 @@ def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool, comp
     return out
 
 
+def geometric_mean(values) -> float:
+    return math.exp(statistics.fmean(math.log(v) for v in values))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cases", default="demo,resnet19,preact34")
@@ -220,7 +224,7 @@ def main(argv=None) -> None:
             if done.returncode or not ratio:
                 sys.exit(f"bench/step.py: case {name} failed\n{done.stderr[-3000:]}")
             ratios.append(float(ratio[0]))
-        print(f"step_ratio_vs_spikingjelly={math.exp(statistics.fmean(math.log(v) for v in ratios)):.3f}")
+        print(f"step_ratio_vs_spikingjelly={geometric_mean(ratios):.3f}")
         return
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cpu":
@@ -241,7 +245,7 @@ def main(argv=None) -> None:
         print(f"{name}: step time of each fullrange variant / default: {cost}")
         if "non_conv_share" in r:
             print(f"{name}: non_conv_share={r['non_conv_share']:.2f}")
-    print(f"step_ratio_vs_spikingjelly={math.exp(statistics.fmean(math.log(v) for v in ratios)):.3f}")
+    print(f"step_ratio_vs_spikingjelly={geometric_mean(ratios):.3f}")
 
 
 if __name__ == "__main__":

@@ -775,7 +775,6 @@ def lif_input_grad_cpu(grad_spikes: Tensor, x: Tensor, decay: float, threshold: 
                           float(surrogate_alpha), bool(detach_reset))
 
 
-
 def lif_multistep_cpu(x: Tensor, decay: float, threshold: float, reset: str, surrogate_alpha: float,
                       detach_reset: bool) -> Tensor:
     """Multi-step LIF on a time-major CPU x [T, ...] (float32 or float64); spikes like x.

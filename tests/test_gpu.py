@@ -65,8 +65,8 @@ def test_torch_compile_around_lif():
         assert torch.allclose(p.grad, q.grad, rtol=1e-3, atol=1e-4)
 
 
-@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint", "spikes_1bit+2"])
-def test_memory_modes_equal_default_on_cuda(mode):
+@pytest.mark.parametrize("mode, blocks", [("spikes_1bit", 0), ("checkpoint", 0), ("spikes_1bit", 2)])
+def test_memory_modes_equal_default_on_cuda(mode, blocks):
     import copy
 
     from fullrange.models import build_model
@@ -76,8 +76,7 @@ def test_memory_modes_equal_default_on_cuda(mode):
     base = build_model("spiking_resnet19_cifar", 10, 3).to(CUDA).to(memory_format=torch.channels_last)
     x = torch.randn(8, 3, 32, 32, device=CUDA).contiguous(memory_format=torch.channels_last)
     results = []
-    name, _, blocks = mode.partition("+")  # "spikes_1bit+N": model.recompute_blocks=N
-    for model in (copy.deepcopy(base), set_memory(copy.deepcopy(base), name, int(blocks or 0))):
+    for model in (copy.deepcopy(base), set_memory(copy.deepcopy(base), mode, recompute_blocks=blocks)):
         with torch.autocast("cuda", dtype=torch.bfloat16):
             out = model(x, 4)
         (out.float() * torch.linspace(-1, 1, out.numel(), device=CUDA).view_as(out)).sum().backward()

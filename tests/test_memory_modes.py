@@ -74,33 +74,27 @@ def _assert_same(a, b, exact=True):
         assert torch.equal(buf_a[k], buf_b[k]), k
 
 
-def _in_mode(model, mode):
-    """mode: a memory mode, or "spikes_1bit+N": spikes_1bit with the first N blocks recomputed."""
-    name, _, n = mode.partition("+")
-    return set_memory(model, name, int(n or 0))
-
-
 @pytest.mark.parametrize("reset", ["hard", "soft"])
 @pytest.mark.parametrize("family", ["cifar", "preact"])
-@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint", "spikes_1bit+1"])
-def test_mode_equals_default_in_training(reset, family, mode):
+@pytest.mark.parametrize("mode, blocks", [("spikes_1bit", 0), ("checkpoint", 0), ("spikes_1bit", 1)])
+def test_mode_equals_default_in_training(reset, family, mode, blocks):
     base = _small_models(reset)[family].train()
     x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2
     ref = _step(copy.deepcopy(base), x, 3)
-    got = _step(_in_mode(copy.deepcopy(base), mode), x, 3)
+    got = _step(set_memory(copy.deepcopy(base), mode, recompute_blocks=blocks), x, 3)
     assert ref[1]["conv1.weight"].abs().sum() > 0  # gradients reach the stem
     _assert_same(ref, got)
 
 
 @pytest.mark.parametrize("autocast", [False, True])
-@pytest.mark.parametrize("mode", ["spikes_1bit", "checkpoint", "spikes_1bit+2"])
-def test_mode_equals_default_in_channels_last(mode, autocast):
+@pytest.mark.parametrize("mode, blocks", [("spikes_1bit", 0), ("checkpoint", 0), ("spikes_1bit", 2)])
+def test_mode_equals_default_in_channels_last(mode, blocks, autocast):
     torch.manual_seed(0)
     base = build_model("spiking_resnet_tiny", 10, 1).train().to(memory_format=torch.channels_last)
     x = torch.rand(4, 1, 28, 28, generator=torch.Generator().manual_seed(3)).contiguous(
         memory_format=torch.channels_last)
     ref = _step(copy.deepcopy(base), x, 2, autocast=autocast)
-    got = _step(_in_mode(copy.deepcopy(base), mode), x, 2, autocast=autocast)
+    got = _step(set_memory(copy.deepcopy(base), mode, recompute_blocks=blocks), x, 2, autocast=autocast)
     assert ref[0].dtype == (torch.bfloat16 if autocast else torch.float32)
     _assert_same(ref, got)
 

@@ -11,7 +11,7 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from fullrange.models.memory import MemoryModes, NeuronUnitCPU, SpikeConv2d, recomputed
+from fullrange.models.memory import MemoryModes, NeuronUnitCPU, SpikeConv2d, is_nhwc, recomputed
 from fullrange.neuron import LIF, resolve_backend
 
 
@@ -22,18 +22,14 @@ class MergedLIF(LIF):
     """
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
-        nhwc = _channels_last(x)
+        nhwc = is_nhwc(x)
         return _merged(super().forward(_time_major(x, T, nhwc)), nhwc)
 
     def input_grad(self, x: torch.Tensor, grad_spikes: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
         """dL/dx[T*B, ...] of forward(x, T) from x and dL/dspikes, without the forward's graph
         (neuron.lif_input_grad); in x's layout."""
-        nhwc = _channels_last(x)
+        nhwc = is_nhwc(x)
         return _merged(super().input_grad(_time_major(x, T, nhwc), _time_major(grad_spikes, T, nhwc)), nhwc)
-
-
-def _channels_last(x: torch.Tensor) -> bool:
-    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def _time_major(x: torch.Tensor, T: int, nhwc: bool) -> torch.Tensor:
@@ -157,10 +153,9 @@ class NeuronUnits(MemoryModes):
             return NeuronUnitCPU.apply(c, residual, bn, residual_bn, lif, T, *params)
         if residual is None:
             return recomputed(lambda c_: bn_lif(bn, lif, c_, T, fuse=fuse), (c,), bns, (False,))
-        if residual_bn is None:
-            return recomputed(lambda c_, r: bn_lif(bn, lif, c_, T, r, fuse), (c, residual), bns, (False, True))
-        return recomputed(lambda c_, cd: bn_lif(bn, lif, c_, T, residual_bn(cd), fuse), (c, residual), bns,
-                          (False, False))
+        shortcut = residual_bn if residual_bn is not None else (lambda r: r)  # a spike residual: added as it is
+        return recomputed(lambda c_, r: bn_lif(bn, lif, c_, T, shortcut(r), fuse), (c, residual), bns,
+                          (False, residual_bn is None))
 
 
 def encode_direct(x: torch.Tensor, T: Optional[int]) -> Tuple[torch.Tensor, int]:

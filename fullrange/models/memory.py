@@ -47,9 +47,14 @@ _LIFT = 0x00406070787C7E7F
 _ONES = 0x0101010101010101
 
 
+def is_nhwc(x: torch.Tensor) -> bool:
+    """x is a 4-d tensor laid out channels_last (and not also plain contiguous)."""
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def _memory_order(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
     """x as a contiguous tensor in its own memory order, and whether that order is NHWC."""
-    nhwc = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    nhwc = is_nhwc(x)
     return (x.permute(0, 2, 3, 1) if nhwc else x.contiguous()), nhwc
 
 
@@ -280,7 +285,7 @@ class NeuronUnitCPU(torch.autograd.Function):
     (MergedLIF.input_grad: the CPU kernel's backward alone, which recomputes h from its input)
     and aten.native_batch_norm_backward: the kernels autograd runs in the default mode, without
     a second forward of the LIF, a nested autograd graph or a copy of the running statistics
-    (the demo step's spikes_1bit overhead went from +30% to +23%; BENCHMARKS.md).
+    (the demo step's spikes_1bit overhead went from +28-30% to +17-23%; BENCHMARKS.md).
     params: each BatchNorm's weight and bias (bn's, then residual_bn's)."""
 
     @staticmethod
