@@ -13,7 +13,9 @@ GPU check). Two measures, per image:
   peak    the step's peak memory above the memory before it (peak RSS on the CPU,
           max_memory_allocated on CUDA; bench/memory_probe.py): what decides.
 fullrange runs in each memory mode (model.memory: default, spikes_1bit, checkpoint) and in
-spikes_1bit with its first two blocks recomputed ("spikes_1bit+2": model.recompute_blocks=2). Last line:
+spikes_1bit with its first two blocks recomputed ("spikes_1bit+2": model.recompute_blocks=2), and
+in the default mode with model.stem_once false ("stem_per_step": the stem on the T copies of the
+image, fullrange's default until 2026-12-06). Last line:
 `activation_peak_ratio_vs_spikingjelly_memopt=X`, SpikingJelly memopt's peak over the peak of
 fullrange's leanest mode, the worse (smaller) of the cases: at least 1 means fullrange needs no
 more.
@@ -38,19 +40,21 @@ from step import CASES, make_steps  # noqa: E402
 # glibc: serve every allocation above 64 KiB by mmap and unmap it when freed (a fixed threshold
 # also stops glibc from raising it), so the CPU's resident set follows the live tensors.
 MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
-IMPLS = ("fullrange", "fullrange spikes_1bit", "fullrange spikes_1bit+2", "fullrange checkpoint", "spikingjelly",
-         "spikingjelly memopt")
+IMPLS = ("fullrange", "fullrange spikes_1bit", "fullrange spikes_1bit+2", "fullrange checkpoint",
+         "fullrange stem_per_step", "spikingjelly", "spikingjelly memopt")
 
 
 def measure(case_name: str, impl: str) -> dict:
     """One (case, implementation) in this process: saved bytes and peak per image."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = CASES[case_name]
-    mode = impl.split()[1] if impl.startswith("fullrange ") else "default"
+    per_step = impl == "fullrange stem_per_step"  # model.stem_once: false, in the default memory mode
+    mode = impl.split()[1] if impl.startswith("fullrange ") and not per_step else "default"
     steps = make_steps(case, device, compile_sj=False, memory_modes=(mode,))
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
     if impl.startswith("fullrange"):
-        step = steps[impl]
+        step = steps["fullrange" if per_step else impl]
+        step.model.stem_once = not per_step
         forward = step.forward
     else:
         step, forward = steps["spikingjelly"], steps["spikingjelly"].forward

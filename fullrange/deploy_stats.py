@@ -143,8 +143,13 @@ class DeployStats:
     # ---- hooks -------------------------------------------------------------------------
     @contextlib.contextmanager
     def attached(self, model: nn.Module) -> Iterator["DeployStats"]:
+        """Count while inside. The stem runs per step meanwhile (model.stem_once off), so its
+        convolution's MACs are counted at every step, as a deployed network computes them."""
         handles = []
+        once = [(m, m.stem_once) for m in model.modules() if hasattr(m, "stem_once")]
         try:
+            for m, _ in once:
+                m.stem_once = False
             for name, m in self.lif.items():
                 handles.append(m.register_forward_hook(self._lif_hook(name), with_kwargs=True))
             for name, m in self.syn.items():
@@ -153,6 +158,8 @@ class DeployStats:
         finally:
             for h in handles:
                 h.remove()
+            for m, on in once:
+                m.stem_once = on
 
     def _per_sample(self, t: torch.Tensor) -> torch.Tensor:
         """Per-(t, b) values from a tensor whose leading dims are [T*B] or [T, B] -> [T, B]."""

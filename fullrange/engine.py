@@ -48,12 +48,14 @@ StepHook = Callable[[int, nn.Module], None]  # called after every optimizer step
 
 
 def build_model_for(cfg: RunConfig, acc: Accelerator, console: Console) -> nn.Module:
-    """The student or teacher of cfg, in its memory mode (model.memory, students), with
+    """The student or teacher of cfg, in its memory mode (model.memory, students; and
+    model.stem_once), with
     SyncBatchNorm (model.sync_bn, multi-process CUDA), channels_last weights (data.channels_last,
     not under DeepSpeed) and a compiled forward (model.compile)."""
     model = build_model(cfg.model.name, cfg.model.num_classes, cfg.model.in_channels, vars(cfg.neuron))
     if is_spiking(cfg.model.name):
         set_fusion(set_memory(model, cfg.model.memory, cfg.model.recompute_blocks), cfg.model.fuse_bn_lif)
+        model.stem_once = cfg.model.stem_once
     if cfg.model.sync_bn and acc.num_processes > 1:
         if acc.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -139,10 +139,10 @@ def test_checkpoint_keeps_only_block_inputs():
     default = _saved_bytes(base, x, 4)
     one_bit = _saved_bytes(set_memory(copy.deepcopy(base), "spikes_1bit"), x, 4)
     ckpt = _saved_bytes(set_memory(copy.deepcopy(base), "checkpoint"), x, 4)
-    # checkpoint: the stem's (expanded) input [T*B, 1, 28, 28] in fp32, the three blocks' spike
-    # inputs as bits, the pooled features the classifier reads (fp32)
+    # checkpoint: the stem's input (the image [B, 1, 28, 28]: the stem runs once) in fp32, the three
+    # blocks' spike inputs [T*B, ...] as bits, the pooled features the classifier reads (fp32)
     rows = 4 * 8
-    expected = rows * (28 * 28 * 4 + (16 * 28 * 28 + 16 * 14 * 14 + 32 * 7 * 7) // 8 + 64 * 4)
+    expected = 8 * 28 * 28 * 4 + rows * ((16 * 28 * 28 + 16 * 14 * 14 + 32 * 7 * 7) // 8 + 64 * 4)
     assert ckpt == expected
     assert one_bit < 0.8 * default and ckpt < 0.05 * default
     # the first block recomputed: it no longer keeps its three convolution outputs at 14x14 (fp32)
@@ -192,3 +192,6 @@ def test_run_config_builds_the_student_in_its_memory_mode_and_compiled():
     assert model.memory == "checkpoint" and all(b.memory == "checkpoint" for b in model.layer1)
     assert model._compiled_call_impl is not None  # nn.Module.compile: compiled on first call
     assert list(model.state_dict()) == list(build_model("spiking_resnet_tiny", 10, 1).state_dict())
+    assert model.stem_once  # the default
+    per_step = build_model_for(load_config(None, ["loss.kind=ce", "model.stem_once=false"]), acc, Console(quiet=True))
+    assert per_step.stem_once is False

@@ -1,5 +1,7 @@
 """Models: registry, shapes over run-time T, eval-mode causality, training step, torchvision key
 names and parameter counts computed by hand from the architectures."""
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -227,3 +229,49 @@ def test_param_counts_by_hand():
 
     # pre-activation ResNet-34: torchvision resnet34 + the stem conv bias (64)
     assert n_params(build_model("spiking_preact_resnet34", 1000)) == 21_797_672 + 64
+
+
+def _train_steps(model, x, T, steps=2):
+    """Two training forwards + backwards (grads accumulate), then one eval forward."""
+    model.train()
+    for _ in range(steps):
+        model(x, T).square().mean().backward()
+    with torch.no_grad():
+        return model.eval()(x, T)
+
+
+@pytest.mark.parametrize("name, T", [("spiking_resnet_tiny", 4), ("spiking_resnet19_cifar", 3),
+                                     ("spiking_preact_resnet34", 2)])
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_stem_once_equals_the_stem_on_every_copy(name, T, momentum):
+    """model.stem_once runs the stem on the image instead of its T copies. In float64 (no spike
+    near enough to the threshold for rounding to flip it) it gives the per-step stem's logits,
+    gradients and running statistics (BatchNorm's unbiased variance over T*B*H*W samples, one
+    num_batches_tracked per batch, momentum=None's cumulative average too) to 1e-10, in
+    channels_last as well; and its stem convolution sees B rows, not T*B."""
+    torch.manual_seed(0)
+    per_step = build_model(name, 10, INPUT[name][0], NEURON).double()
+    for m in per_step.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.momentum = momentum
+    per_step.stem_once = False
+    once = copy.deepcopy(per_step)
+    once.stem_once = True
+    x = image(name, batch=3).double()
+    rows = []
+    once.conv1.register_forward_hook(lambda m, i, o: rows.append(i[0].shape[0]))
+    for layout in (torch.contiguous_format, torch.channels_last):
+        a, b = (copy.deepcopy(m).to(memory_format=layout) for m in (per_step, once))
+        xl = x.contiguous(memory_format=layout)
+        torch.testing.assert_close(_train_steps(b, xl, T), _train_steps(a, xl, T), rtol=0, atol=1e-10)
+        for (key, pa), pb in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(pb.grad, pa.grad, rtol=1e-9, atol=1e-10, msg=key)
+        for (key, sa), sb in zip(a.state_dict().items(), b.state_dict().values()):
+            torch.testing.assert_close(sb, sa, rtol=1e-12, atol=1e-12, msg=key)
+        assert a.layer1[0].conv1.weight.grad.abs().max() > 0  # a non-trivial network
+    assert rows and set(rows) == {3}
+    # events [T, B, ...] differ per step: their stem runs per step
+    with torch.no_grad():
+        events = x.unsqueeze(0).expand(T, *x.shape).contiguous()
+        torch.testing.assert_close(once.train()(events), per_step.train()(events), rtol=0, atol=1e-10)
+    assert rows[-1] == T * 3

@@ -157,9 +157,19 @@ class NeuronUnits(MemoryModes):
         return recomputed(lambda c_, r: bn_lif(bn, lif, c_, T, shortcut(r), fuse), (c, residual), bns,
                           (False, residual_bn is None))
 
+    def time_invariant_unit(self, bn: nn.Module, lif: nn.Module, c: torch.Tensor, T: int) -> torch.Tensor:
+        """spikes[T*B, C, H, W] = lif(bn(c) repeated over T, T) for a stem output c[B, C, H, W]
+        that is the same at every step (stem_runs_once): BatchNorm runs once
+        (batch_norm_over_time), the LIF on the repeated result. In spikes_1bit it keeps only c
+        and recomputes the rest in the backward."""
+        def unit(c_: torch.Tensor) -> torch.Tensor:
+            return lif(repeat_time(batch_norm_over_time(bn, c_, T), T), T)
+        return recomputed(unit, (c,), (bn,), (False,)) if self.memory == "spikes_1bit" else unit(c)
 
-def encode_direct(x: torch.Tensor, T: Optional[int]) -> Tuple[torch.Tensor, int]:
-    """Direct encoding. Image x[B, C, H, W] -> x repeated T times as [T*B, C, H, W].
+
+def encode_direct(x: torch.Tensor, T: Optional[int], repeat: bool = True) -> Tuple[torch.Tensor, int]:
+    """Direct encoding. Image x[B, C, H, W] -> x repeated T times as [T*B, C, H, W] (with
+    repeat=False: x itself, for a stem that runs once; see stem_runs_once).
 
     Event input x[T, B, C, H, W] is merged as is (T, if given, must equal x.shape[0]).
     """
@@ -174,7 +184,52 @@ def encode_direct(x: torch.Tensor, T: Optional[int]) -> Tuple[torch.Tensor, int]
     if T is None or isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"spiking model needs an integer number of timesteps T >= 1, got {T!r}")
     B = x.shape[0]
+    if not repeat:
+        return x, T
     return x.unsqueeze(0).expand(T, *x.shape).reshape(T * B, *x.shape[1:]), T
+
+
+def stem_runs_once(model: nn.Module, x: torch.Tensor) -> bool:
+    """Whether the student's stem (its layers before the first neuron) runs once on the image
+    x[B, C, H, W] instead of on its T copies (`model.stem_once`, the student's `stem_once`).
+
+    Direct encoding feeds the stem the same image at every step, so its convolution and
+    BatchNorm give the same output T times: BatchNorm's batch statistics over T identical copies
+    are those of one. Running it once computes the same function (equal to float rounding: a
+    reduction over B instead of T*B elements rounds differently) at 1/T of the stem's cost,
+    and keeps 1/T of its activations. Event input (x[T, B, ...]) and a BatchNorm other than
+    nn.BatchNorm2d (SyncBatchNorm) run per step; `stem_once = False` reproduces the official
+    code's op order bit for bit (tests/test_official.py)."""
+    return getattr(model, "stem_once", False) and x.dim() == 4 and type(model.bn1) is nn.BatchNorm2d
+
+
+def repeat_time(y: torch.Tensor, T: int) -> torch.Tensor:
+    """y[B, C, H, W] -> [T*B, C, H, W] (row t*B + b = y[b]) in y's memory format (channels_last
+    stays channels_last). Its backward sums the T gradients."""
+    nhwc = is_nhwc(y)
+    yp = y.permute(0, 2, 3, 1) if nhwc else y
+    out = yp.unsqueeze(0).expand(T, *yp.shape).reshape(T * yp.shape[0], *yp.shape[1:])
+    return out.permute(0, 3, 1, 2) if nhwc else out
+
+
+def batch_norm_over_time(bn: nn.Module, c: torch.Tensor, T: int) -> torch.Tensor:
+    """bn applied to T identical copies of c[B, C, H, W], returned once ([B, C, H, W]).
+
+    In training the batch statistics are c's (those of the T copies), and the running
+    statistics update as bn would on the copies: running_var takes the unbiased variance over
+    T*B*H*W samples, num_batches_tracked counts one batch. Evaluation, or no running
+    statistics: bn(c) itself (an affine map per element, or c's batch statistics)."""
+    if not (bn.training and bn.track_running_stats) or T == 1:
+        return bn(c)
+    y, mean, invstd = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
+    with torch.no_grad():
+        bn.num_batches_tracked.add_(1)
+        factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
+        n = T * c.numel() // c.shape[1]
+        var = invstd.double().pow(-2).sub_(bn.eps).mul_(n / (n - 1))  # unbiased, over the T copies
+        bn.running_mean.mul_(1 - factor).add_(mean.to(bn.running_mean.dtype), alpha=factor)
+        bn.running_var.mul_(1 - factor).add_(var.to(bn.running_var.dtype), alpha=factor)
+    return y
 
 
 def kaiming_init(model: nn.Module) -> None:

@@ -21,7 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, NeuronUnits, conv3x3, downsample, encode_direct, kaiming_init
+from fullrange.models.layers import (MergedLIF, NeuronUnits, batch_norm_over_time, conv3x3, downsample, encode_direct,
+                                     kaiming_init, repeat_time, stem_runs_once)
 from fullrange.models.memory import MemoryModes
 
 IMAGENET_NEURON = {"decay": 0.2, "reset": "soft"}
@@ -48,7 +49,11 @@ class SpikingPreActBlock(NeuronUnits):
 
 
 class SpikingPreActResNet(MemoryModes):
-    """Pre-activation spiking ResNet with the ImageNet stem (7x7/2 conv + max-pool)."""
+    """Pre-activation spiking ResNet with the ImageNet stem (7x7/2 conv + max-pool). With
+    `stem_once` (model.stem_once, the default) the stem runs once per image and its output is
+    repeated over T (layers.stem_runs_once)."""
+
+    stem_once = True
 
     def __init__(self, stage_blocks: Sequence[int], widths: Sequence[int], num_classes: int,
                  in_channels: int = 3, neuron: Optional[dict] = None) -> None:
@@ -71,10 +76,17 @@ class SpikingPreActResNet(MemoryModes):
         self.fc = nn.Linear(in_planes, num_classes)
         kaiming_init(self)
 
+    def _stem(self, x: torch.Tensor, T: int, once: bool) -> torch.Tensor:
+        """x[T*B, C, H, W], or the image x[B, C, H, W] when the stem runs once -> [T*B, C', H', W']."""
+        if once:
+            return repeat_time(self.maxpool(batch_norm_over_time(self.bn1, self.conv1(x), T)), T)
+        return self.maxpool(self.bn1(self.conv1(x)))
+
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
-        x, T = encode_direct(x, T)
-        x = self.segment(lambda z: self.maxpool(self.bn1(self.conv1(z))), (x,), (self.conv1, self.bn1), (False,))
+        once = stem_runs_once(self, x)
+        x, T = encode_direct(x, T, repeat=not once)
+        x = self.segment(partial(self._stem, T=T, once=once), (x,), (self.conv1, self.bn1), (False,))
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
                 x = block.segment(partial(block, T=T), (x,), (block,), (False,))

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, NeuronUnits, conv3x3, downsample, encode_direct
+from fullrange.models.layers import MergedLIF, NeuronUnits, conv3x3, downsample, encode_direct, stem_runs_once
 from fullrange.models.memory import SpikeLinear
 
 
@@ -47,7 +47,8 @@ class SpikingBasicBlock(NeuronUnits):
 
 
 class SpikingResNet(NeuronUnits):
-    """Generic CIFAR-style spiking ResNet (3x3 stride-1 stem, no max-pool).
+    """Generic CIFAR-style spiking ResNet (3x3 stride-1 stem, no max-pool). With `stem_once`
+    (model.stem_once, the default) the stem conv and BN run once per image (layers.stem_runs_once).
 
     Args:
         stage_blocks: blocks per stage, e.g. (2, 2, 2, 2).
@@ -58,6 +59,8 @@ class SpikingResNet(NeuronUnits):
         neuron: LIF keyword arguments (decay, threshold, reset, surrogate_alpha, detach_reset,
             backend), shared by every neuron.
     """
+
+    stem_once = True
 
     def __init__(self, stage_blocks: Sequence[int], widths: Sequence[int], num_classes: int,
                  in_channels: int = 3, stem_channels: int = 64,
@@ -91,13 +94,17 @@ class SpikingResNet(NeuronUnits):
             self.head_fc, self.head_lif = None, None
         self.fc = (SpikeLinear if hidden else nn.Linear)(in_planes, num_classes)
 
-    def _stem(self, x: torch.Tensor, T: int) -> torch.Tensor:
+    def _stem(self, x: torch.Tensor, T: int, once: bool) -> torch.Tensor:
+        """x[T*B, C, H, W], or the image x[B, C, H, W] when the stem runs once -> spikes[T*B, ...]."""
+        if once:
+            return self.time_invariant_unit(self.bn1, self.lif1, self.conv1(x), T)
         return self.neuron_unit(self.bn1, self.lif1, self.conv1(x), T)
 
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:
         """x[B, C, H, W] (or events [T, B, C, H, W]) -> logits[T, B, num_classes]."""
-        x, T = encode_direct(x, T)
-        x = self.segment(partial(self._stem, T=T), (x,), (self.conv1, self.bn1), (False,))
+        once = stem_runs_once(self, x)
+        x, T = encode_direct(x, T, repeat=not once)
+        x = self.segment(partial(self._stem, T=T, once=once), (x,), (self.conv1, self.bn1), (False,))
         for i in range(self.num_stages):
             for block in getattr(self, f"layer{i + 1}"):
                 x = block.segment(partial(block, T=T), (x,), (block,), (True,))
