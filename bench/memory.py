@@ -54,7 +54,8 @@ def measure(case_name: str, impl: str) -> dict:
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
     if impl.startswith("fullrange"):
         step = steps["fullrange" if per_step else impl]
-        step.model.stem_once = not per_step
+        if per_step:
+            step.model.stem_once = False
         forward = step.forward
     else:
         step, forward = steps["spikingjelly"], steps["spikingjelly"].forward

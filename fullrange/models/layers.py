@@ -168,8 +168,9 @@ class NeuronUnits(MemoryModes):
 
 
 def encode_direct(x: torch.Tensor, T: Optional[int], repeat: bool = True) -> Tuple[torch.Tensor, int]:
-    """Direct encoding. Image x[B, C, H, W] -> x repeated T times as [T*B, C, H, W] (with
-    repeat=False: x itself, for a stem that runs once; see stem_runs_once).
+    """Direct encoding. Image x[B, C, H, W] -> x repeated T times as [T*B, C, H, W] in x's
+    memory format (repeat_time; with repeat=False: x itself, for a stem that runs once; see
+    stem_runs_once).
 
     Event input x[T, B, C, H, W] is merged as is (T, if given, must equal x.shape[0]).
     """
@@ -183,10 +184,7 @@ def encode_direct(x: torch.Tensor, T: Optional[int], repeat: bool = True) -> Tup
                          f"got shape {tuple(x.shape)}")
     if T is None or isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"spiking model needs an integer number of timesteps T >= 1, got {T!r}")
-    B = x.shape[0]
-    if not repeat:
-        return x, T
-    return x.unsqueeze(0).expand(T, *x.shape).reshape(T * B, *x.shape[1:]), T
+    return (repeat_time(x, T) if repeat else x), T
 
 
 def stem_runs_once(model: nn.Module, x: torch.Tensor) -> bool:
@@ -200,7 +198,7 @@ def stem_runs_once(model: nn.Module, x: torch.Tensor) -> bool:
     and keeps 1/T of its activations. Event input (x[T, B, ...]) and a BatchNorm other than
     nn.BatchNorm2d (SyncBatchNorm) run per step; `stem_once = False` reproduces the official
     code's op order bit for bit (tests/test_official.py)."""
-    return getattr(model, "stem_once", False) and x.dim() == 4 and type(model.bn1) is nn.BatchNorm2d
+    return model.stem_once and x.dim() == 4 and type(model.bn1) is nn.BatchNorm2d
 
 
 def repeat_time(y: torch.Tensor, T: int) -> torch.Tensor:
