@@ -48,7 +48,7 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
-__all__ = ["LIF", "lif", "lif_input_grad", "lif_multistep", "lif_reference", "lif_membrane", "resolve_backend",
+__all__ = ["LIF", "lif", "lif_input_grad", "lif_constant_input", "lif_constant_input_grad", "lif_multistep", "lif_reference", "lif_membrane", "resolve_backend",
            "check_lif_args", "RESETS", "BACKENDS"]
 
 
@@ -422,6 +422,34 @@ def lif_input_grad(x: torch.Tensor, grad_spikes: torch.Tensor, decay: float, thr
                                    grad_spikes)[0]
 
 
+def lif_constant_input(x: torch.Tensor, T: int, decay: float, threshold: float, reset: str, surrogate_alpha: float,
+                       detach_reset: bool, backend: str = "auto") -> torch.Tensor:
+    """Spikes [T, *x.shape] of lif on an input x[...] that is the same at every one of T steps
+    (a stem that runs once per image): values only, no autograd (the gradient is
+    lif_constant_input_grad). The CPU kernel reads x once per column and never builds the
+    repeated input; other backends run lif on x expanded over T. Spikes equal lif's on the
+    repeated x bit for bit."""
+    if resolve_backend(backend, x) == "cpu":
+        from fullrange.kernels.lif_cpu import lif_constant_input_cpu
+
+        return lif_constant_input_cpu(x, T, decay, threshold, reset)
+    with torch.no_grad():
+        return lif(x.expand(T, *x.shape), decay, threshold, reset, surrogate_alpha, detach_reset, backend)
+
+
+def lif_constant_input_grad(x: torch.Tensor, grad_spikes: torch.Tensor, decay: float, threshold: float, reset: str,
+                            surrogate_alpha: float, detach_reset: bool, backend: str = "auto") -> torch.Tensor:
+    """dL/dx[...] of lif_constant_input(x, T, ...) from x and dL/dspikes [T, *x.shape]: the
+    input gradients of the T steps, summed. The CPU kernel sums them in its backward pass
+    (cache-sized buffers, no [T, ...] temporary); other backends sum lif_input_grad's result."""
+    if resolve_backend(backend, x) == "cpu":
+        from fullrange.kernels.lif_cpu import lif_constant_input_grad_cpu
+
+        return lif_constant_input_grad_cpu(grad_spikes, x, decay, threshold, reset, surrogate_alpha, detach_reset)
+    return lif_input_grad(x.expand(grad_spikes.shape), grad_spikes, decay, threshold, reset, surrogate_alpha,
+                          detach_reset, backend).sum(0)
+
+
 class LIF(nn.Module):
     """Multi-step LIF neuron: forward(x[T, ...]) -> spikes[T, ...] in x's dtype.
 
@@ -449,6 +477,16 @@ class LIF(nn.Module):
         """dL/dx of forward(x) from x[T, ...] and dL/dspikes, without the forward's graph (lif_input_grad)."""
         return lif_input_grad(x, grad_spikes, self.decay, self.threshold, self.reset, self.surrogate_alpha,
                               self.detach_reset, self.backend)
+
+    def forward_constant(self, x: torch.Tensor, T: int) -> torch.Tensor:
+        """spikes[T, *x.shape] of forward(x repeated T times), values only (lif_constant_input)."""
+        return lif_constant_input(x, T, self.decay, self.threshold, self.reset, self.surrogate_alpha,
+                                  self.detach_reset, self.backend)
+
+    def constant_input_grad(self, x: torch.Tensor, grad_spikes: torch.Tensor) -> torch.Tensor:
+        """dL/dx[...] of forward_constant(x, T) from dL/dspikes[T, ...] (lif_constant_input_grad)."""
+        return lif_constant_input_grad(x, grad_spikes, self.decay, self.threshold, self.reset, self.surrogate_alpha,
+                                       self.detach_reset, self.backend)
 
     def extra_repr(self) -> str:
         return (f"decay={self.decay}, threshold={self.threshold}, reset={self.reset!r}, "

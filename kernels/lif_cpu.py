@@ -72,7 +72,7 @@ except Exception as error:  # pragma: no cover - depends on the environment
     numba = None
     _NUMBA_ERROR = f"{type(error).__name__}: {error}"
 
-__all__ = ["lif_multistep_cpu", "cpu_kernel_available", "cpu_kernel_error", "SUPPORTED_DTYPES"]
+__all__ = ["lif_multistep_cpu", "lif_constant_input_cpu", "lif_constant_input_grad_cpu", "cpu_kernel_available", "cpu_kernel_error", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 PARALLEL_MIN_ELEMENTS = 1 << 16  # T * N below this: run on the calling thread only
@@ -97,7 +97,7 @@ _BIAS_BITS = _F32(127.0 * 8388608.0)  # the exponent bias, shifted into place
 
 # Slots of the int64 parameter block a threaded task reads (filled by _run).
 _P_X, _P_OUT, _P_GX, _P_T, _P_N, _P_CLAIM, _P_NEXT, _P_SLOT, _P_SCRATCH, _P_SLOT_BYTES, \
-    _P_G_OFFSET, _P_CHUNK, _P_SOFT, _P_FLOATS = range(14)
+    _P_G_OFFSET, _P_CHUNK, _P_SOFT, _P_FLOATS, _P_X_ROWS, _P_GD_OFFSET = range(16)
 _P_LEN = 16
 
 
@@ -244,9 +244,11 @@ if numba is not None:
 
     @_jit(**_OPTS)
     def _forward_block(x, out, t0, steps, lo, n, out_lo, v, decay, threshold, soft, membrane,
-                       single):
-        """Steps t0..t0+steps-1 of columns lo..lo+n of x[T, N]: writes the spikes or, with
-        membrane, h - threshold, to columns out_lo..out_lo+n of out. A single block covers all
+                       single, x_step):
+        """Steps t0..t0+steps-1 of columns lo..lo+n of x: writes the spikes or, with
+        membrane, h - threshold, to columns out_lo..out_lo+n of out [T, *]. Step t reads row
+        t * x_step of x: x[T, N] with x_step 1, or x[1, N] with x_step 0 (an input that is the
+        same at every step). A single block covers all
         of T = 1, 2 or 4 and leaves v alone; otherwise blocks have 4, 2 or 1 steps and v[:n]
         carries the state between them (zeroed at t0 == 0: v_0 = 0). membrane and single are literal flags at every call site,
         so numba compiles one variant per combination with the dead branches gone.
@@ -259,7 +261,7 @@ if numba is not None:
         one = threshold / threshold
         if t0 == 0 and not single:
             v[:n] = zero
-        x0, o0 = x[t0, lo:lo + n], out[t0, out_lo:out_lo + n]
+        x0, o0 = x[t0 * x_step, lo:lo + n], out[t0, out_lo:out_lo + n]
         if steps == 1:
             for j in range(n):
                 h = x0[j] if single else _mul_exact(decay, v[j]) + x0[j]
@@ -267,7 +269,7 @@ if numba is not None:
                 if not single:
                     v[j] = _reset(h, threshold, soft, zero)
         elif steps == 2:
-            x1, o1 = x[t0 + 1, lo:lo + n], out[t0 + 1, out_lo:out_lo + n]
+            x1, o1 = x[(t0 + 1) * x_step, lo:lo + n], out[t0 + 1, out_lo:out_lo + n]
             for j in range(n):
                 h = x0[j] if single else _mul_exact(decay, v[j]) + x0[j]
                 o0[j] = h - threshold if membrane else (one if h >= threshold else zero)
@@ -276,9 +278,9 @@ if numba is not None:
                 if not single:
                     v[j] = _reset(h, threshold, soft, zero)
         else:
-            x1, o1 = x[t0 + 1, lo:lo + n], out[t0 + 1, out_lo:out_lo + n]
-            x2, o2 = x[t0 + 2, lo:lo + n], out[t0 + 2, out_lo:out_lo + n]
-            x3, o3 = x[t0 + 3, lo:lo + n], out[t0 + 3, out_lo:out_lo + n]
+            x1, o1 = x[(t0 + 1) * x_step, lo:lo + n], out[t0 + 1, out_lo:out_lo + n]
+            x2, o2 = x[(t0 + 2) * x_step, lo:lo + n], out[t0 + 2, out_lo:out_lo + n]
+            x3, o3 = x[(t0 + 3) * x_step, lo:lo + n], out[t0 + 3, out_lo:out_lo + n]
             for j in range(n):
                 h = x0[j] if single else _mul_exact(decay, v[j]) + x0[j]
                 o0[j] = h - threshold if membrane else (one if h >= threshold else zero)
@@ -293,17 +295,19 @@ if numba is not None:
 
     @_jit(**_OPTS)
     def _forward_range(x, out, lo, n, out_lo, v, decay, threshold, soft, membrane):
-        """All T steps of columns lo..lo+n, block by block (see _forward_block)."""
-        T = x.shape[0]
+        """All T = out.shape[0] steps of columns lo..lo+n, block by block (see _forward_block);
+        x has T rows, or one (an input that is the same at every step)."""
+        T = out.shape[0]
+        x_step = x.shape[0] // T  # 1, or 0 for a constant input
         if T == 1 or T == 2 or T == 4:
             _forward_block(x, out, lo - lo, T, lo, n, out_lo, v, decay, threshold, soft,
-                           membrane, True)
+                           membrane, True, x_step)
             return
         t = 0
         while t < T:
             steps = _block_steps(T - t)
             _forward_block(x, out, t, steps, lo, n, out_lo, v, decay, threshold, soft, membrane,
-                           False)
+                           False, x_step)
             t += steps
 
     # ------------------------------------------------------------ backward blocks
@@ -318,21 +322,21 @@ if numba is not None:
 
     # Gradients only: FMA contraction allowed (~20% less arithmetic; ~1 ulp differences).
     @_jit(fastmath={"contract"}, **_OPTS)
-    def _reverse_block(gs, gx, d, t0, steps, lo, n, g, decay, alpha, k1, k2, m_spike):
-        """g_x for t = t0+steps-1 down to t0 (steps 1, 2 or 4), columns lo..lo+n, from g_s and
-        d[:, :n]. g[:n] holds g_h_{t0+steps} (zeros above the last step) and receives g_h_{t0};
+    def _reverse_block(gs, gx, d, t0, steps, lo, n, out_lo, g, decay, alpha, k1, k2, m_spike):
+        """g_x for t = t0+steps-1 down to t0 (steps 1, 2 or 4), columns lo..lo+n of g_s and
+        d[:, :n], into columns out_lo..out_lo+n of gx. g[:n] holds g_h_{t0+steps} (zeros above the last step) and receives g_h_{t0};
         within the block the state stays in registers."""
         zero = k2 - k2
         one = alpha / alpha
         t3 = t0 + steps - 1
-        a3, d3, o3 = gs[t3, lo:lo + n], d[t3, :n], gx[t3, lo:lo + n]
+        a3, d3, o3 = gs[t3, lo:lo + n], d[t3, :n], gx[t3, out_lo:out_lo + n]
         if steps == 1:
             for j in range(n):
                 gh = _grad_step(a3[j], d3[j], g[j], decay, alpha, k1, k2, m_spike, zero, one)
                 o3[j] = gh
                 g[j] = gh
         elif steps == 2:
-            a0, d0, o0 = gs[t0, lo:lo + n], d[t0, :n], gx[t0, lo:lo + n]
+            a0, d0, o0 = gs[t0, lo:lo + n], d[t0, :n], gx[t0, out_lo:out_lo + n]
             for j in range(n):
                 gh = _grad_step(a3[j], d3[j], g[j], decay, alpha, k1, k2, m_spike, zero, one)
                 o3[j] = gh
@@ -340,9 +344,9 @@ if numba is not None:
                 o0[j] = gh
                 g[j] = gh
         else:
-            a0, d0, o0 = gs[t0, lo:lo + n], d[t0, :n], gx[t0, lo:lo + n]
-            a1, d1, o1 = gs[t0 + 1, lo:lo + n], d[t0 + 1, :n], gx[t0 + 1, lo:lo + n]
-            a2, d2, o2 = gs[t0 + 2, lo:lo + n], d[t0 + 2, :n], gx[t0 + 2, lo:lo + n]
+            a0, d0, o0 = gs[t0, lo:lo + n], d[t0, :n], gx[t0, out_lo:out_lo + n]
+            a1, d1, o1 = gs[t0 + 1, lo:lo + n], d[t0 + 1, :n], gx[t0 + 1, out_lo:out_lo + n]
+            a2, d2, o2 = gs[t0 + 2, lo:lo + n], d[t0 + 2, :n], gx[t0 + 2, out_lo:out_lo + n]
             for j in range(n):
                 gh = _grad_step(a3[j], d3[j], g[j], decay, alpha, k1, k2, m_spike, zero, one)
                 o3[j] = gh
@@ -355,14 +359,15 @@ if numba is not None:
                 g[j] = gh
 
     @_jit(**_OPTS)
-    def _reverse_range(gs, gx, d, lo, n, g, decay, alpha, k1, k2, m_spike):
-        """All T steps of columns lo..lo+n in reverse time, block by block."""
+    def _reverse_range(gs, gx, d, lo, n, out_lo, g, decay, alpha, k1, k2, m_spike):
+        """All T steps of columns lo..lo+n in reverse time, block by block (gx's columns from
+        out_lo)."""
         g[:n] = 0  # g_h_{T+1} = 0
         t = gs.shape[0]
         while t > 0:
             steps = _block_steps(t)
             t -= steps
-            _reverse_block(gs, gx, d, t, steps, lo, n, g, decay, alpha, k1, k2, m_spike)
+            _reverse_block(gs, gx, d, t, steps, lo, n, out_lo, g, decay, alpha, k1, k2, m_spike)
 
     @_jit(fastmath={"contract"}, **_OPTS)
     def _backward_fused(x, gs, gx, lo, n, decay, threshold, alpha, soft, k1, k2, m_spike):
@@ -412,9 +417,10 @@ if numba is not None:
 
     @_jit(**_OPTS)
     def _forward_columns(x, s, start, stop, v, decay, threshold, soft):
-        """Spikes of columns start..stop. T = 1, 2 or 4 is one block and never touches v;
-        other T carry the state between blocks in v, len(v) columns at a time."""
-        T = x.shape[0]
+        """Spikes s[T, N] of columns start..stop from x[T, N] or x[1, N] (the same input at every
+        step). T = 1, 2 or 4 is one block and never touches v; other T carry the state between
+        blocks in v, len(v) columns at a time."""
+        T = s.shape[0]
         if T == 1 or T == 2 or T == 4:
             _forward_range(x, s, start, stop - start, start, v, decay, threshold, soft, False)
             return
@@ -423,13 +429,16 @@ if numba is not None:
                            False)
 
     @_jit(**_OPTS)
-    def _backward_columns(x, gs, gx, start, stop, d, g, decay, threshold, alpha, soft, k1, k2,
+    def _backward_columns(x, gs, gx, start, stop, d, gd, g, decay, threshold, alpha, soft, k1, k2,
                           m_spike):
-        """g_x of columns start..stop. T = 1, 2 or 4: one fused loop (d and g unused). Other
-        T, d.shape[1] columns at a time: recompute h - threshold for all T steps into d (cache
-        resident), then run the reverse pass over it; g carries the state between blocks."""
-        T = x.shape[0]
-        if T == 1 or T == 2 or T == 4:
+        """g_x of columns start..stop from g_s[T, N] and x[T, N] (g_x [T, N]), or from x[1, N],
+        an input that is the same at every step (g_x[1, N]: the sum of the T steps' gradients).
+        T = 1, 2 or 4 with x[T, N]: one fused loop (d, gd and g unused). Otherwise d.shape[1]
+        columns at a time: recompute h - threshold for all T steps into d (cache resident), then
+        run the reverse pass over it, into g_x or, for a constant input, into gd, summed over
+        the steps afterwards; g carries the state between blocks."""
+        T = gs.shape[0]
+        if x.shape[0] == T and (T == 1 or T == 2 or T == 4):
             _backward_fused(x, gs, gx, start, stop - start, decay, threshold, alpha, soft, k1,
                             k2, m_spike)
             return
@@ -437,7 +446,16 @@ if numba is not None:
         for lo in range(start, stop, d.shape[1]):
             n = min(d.shape[1], stop - lo)
             _forward_range(x, d, lo, n, col0, g, decay, threshold, soft, True)
-            _reverse_range(gs, gx, d, lo, n, g, decay, alpha, k1, k2, m_spike)
+            if x.shape[0] == T:
+                _reverse_range(gs, gx, d, lo, n, lo, g, decay, alpha, k1, k2, m_spike)
+                continue
+            _reverse_range(gs, gd, d, lo, n, col0, g, decay, alpha, k1, k2, m_spike)
+            out = gx[0, lo:lo + n]
+            out[:] = gd[0, :n]
+            for t in range(1, T):
+                row = gd[t, :n]
+                for j in range(n):
+                    out[j] += row[j]
 
     @_jit(**_OPTS)
     def _membrane(x, d, decay, threshold, soft):
@@ -456,7 +474,7 @@ if numba is not None:
         p = carray(_slot(data, 0), _P_LEN)
         f = carray(_ptr_like(p[_P_FLOATS], 0.0), 8)
         T, N, claim = p[_P_T], p[_P_N], p[_P_CLAIM]
-        x = carray(_ptr_like(p[_P_X], witness), (T, N))
+        x = carray(_ptr_like(p[_P_X], witness), (p[_P_X_ROWS], N))
         s = carray(_ptr_like(p[_P_OUT], witness), (T, N))
         slot = _fetch_add(_slot(data, _P_SLOT), 1)
         v = carray(_ptr_like(p[_P_SCRATCH] + slot * p[_P_SLOT_BYTES], witness), p[_P_CHUNK])
@@ -472,11 +490,12 @@ if numba is not None:
         p = carray(_slot(data, 0), _P_LEN)
         f = carray(_ptr_like(p[_P_FLOATS], 0.0), 8)
         T, N, claim, chunk = p[_P_T], p[_P_N], p[_P_CLAIM], p[_P_CHUNK]
-        x = carray(_ptr_like(p[_P_X], witness), (T, N))
+        x = carray(_ptr_like(p[_P_X], witness), (p[_P_X_ROWS], N))
         gs = carray(_ptr_like(p[_P_OUT], witness), (T, N))
-        gx = carray(_ptr_like(p[_P_GX], witness), (T, N))
+        gx = carray(_ptr_like(p[_P_GX], witness), (p[_P_X_ROWS], N))
         slot = p[_P_SCRATCH] + _fetch_add(_slot(data, _P_SLOT), 1) * p[_P_SLOT_BYTES]
         d = carray(_ptr_like(slot, witness), (T, chunk))
+        gd = carray(_ptr_like(slot + p[_P_GD_OFFSET], witness), (T, chunk))
         g = carray(_ptr_like(slot + p[_P_G_OFFSET], witness), chunk)
         decay, threshold, alpha = _like(f[0], witness), _like(f[1], witness), _like(f[2], witness)
         k1, k2, m_spike = _like(f[3], witness), _like(f[4], witness), _like(f[5], witness)
@@ -484,7 +503,7 @@ if numba is not None:
             lo = _fetch_add(_slot(data, _P_NEXT), claim)
             if lo >= N:
                 break
-            _backward_columns(x, gs, gx, lo, min(N, lo + claim), d, g, decay, threshold, alpha,
+            _backward_columns(x, gs, gx, lo, min(N, lo + claim), d, gd, g, decay, threshold, alpha,
                               p[_P_SOFT] != 0, k1, k2, m_spike)
 
     # One plain function per task and dtype: numba caches a cfunc by its Python function.
@@ -598,9 +617,9 @@ def _plan(t: int, n: int):
     return max(1, min(threads, -(-n // claim))), claim
 
 
-def _bwd_chunk(t: int, n: int, itemsize: int) -> int:
-    """Backward, T > 4: columns per recomputation buffer [T, chunk] (BWD_BUFFER_BYTES)."""
-    return max(_ALIGN, min(_round_up(n, _ALIGN), BWD_BUFFER_BYTES // (t * itemsize) // _ALIGN * _ALIGN))
+def _bwd_chunk(rows: int, n: int, itemsize: int) -> int:
+    """Backward, T > 4 or a constant input: columns per buffer of `rows` rows (BWD_BUFFER_BYTES)."""
+    return max(_ALIGN, min(_round_up(n, _ALIGN), BWD_BUFFER_BYTES // (rows * itemsize) // _ALIGN * _ALIGN))
 
 
 def _run(direction: str, dtype: torch.dtype, threads: int, ints: dict, floats, scratch_bytes: int):
@@ -627,20 +646,21 @@ def _scalars(dtype: torch.dtype, *values: float):
     return tuple(cast(v) for v in values)
 
 
-def _forward_impl(x: Tensor, decay: float, threshold: float, soft_reset: bool) -> Tensor:
-    """Spikes of a CPU float32/float64 x [T, ...] (contiguous result). Reads x, writes spikes."""
+def _forward_impl(x: Tensor, decay: float, threshold: float, soft_reset: bool, steps: int = 0) -> Tensor:
+    """Spikes of a CPU float32/float64 x [T, ...] (contiguous result). Reads x, writes spikes.
+    With steps > 0, x [1, ...] is the input at every one of `steps` steps: spikes [steps, ...]."""
     _check_runnable(x)
     x = x.contiguous()
-    spikes = torch.empty_like(x)
+    spikes = torch.empty((steps or x.shape[0], *x.shape[1:]), dtype=x.dtype)
     if x.numel() == 0:
         return spikes
     x2, s2 = _numpy_2d(x), _numpy_2d(spikes)
-    t, n = x2.shape
+    t, n = s2.shape
     chunk = min(CHUNK, _round_up(n, _ALIGN))
     threads, claim = _plan(t, n)
     if threads > 1:
-        ints = {_P_X: x2.ctypes.data, _P_OUT: s2.ctypes.data, _P_T: t, _P_N: n, _P_CLAIM: claim,
-                _P_CHUNK: chunk, _P_SOFT: int(soft_reset)}
+        ints = {_P_X: x2.ctypes.data, _P_X_ROWS: x2.shape[0], _P_OUT: s2.ctypes.data, _P_T: t, _P_N: n,
+                _P_CLAIM: claim, _P_CHUNK: chunk, _P_SOFT: int(soft_reset)}
         _run("fwd", x.dtype, threads, ints, (decay, threshold), chunk * x.element_size())
     else:
         v = np.empty(chunk, x2.dtype)
@@ -650,9 +670,11 @@ def _forward_impl(x: Tensor, decay: float, threshold: float, soft_reset: bool) -
 
 def _backward_impl(grad_spikes: Tensor, x: Tensor, decay: float, threshold: float,
                    soft_reset: bool, surrogate_alpha: float, detach_reset: bool) -> Tensor:
-    """dL/dx (shape and dtype of x) from dL/ds and the forward's input x. Reads x and dL/ds,
-    writes dL/dx; h - threshold is recomputed (the same code as the forward, so the same
-    spikes) and never goes to memory (T > 4: to a cache-sized buffer)."""
+    """dL/dx (shape and dtype of x) from dL/ds [T, ...] and the forward's input x: x [T, ...],
+    or x [1, ...] for an input that was the same at every step (then dL/dx sums the T steps'
+    gradients). Reads x and dL/ds, writes dL/dx; h - threshold is recomputed (the same code as
+    the forward, so the same spikes) and never goes to memory (T > 4 or a constant input: to a
+    cache-sized buffer)."""
     _check_runnable(x)
     x = x.contiguous()
     grad_spikes = grad_spikes.to(x.dtype).contiguous()
@@ -660,20 +682,22 @@ def _backward_impl(grad_spikes: Tensor, x: Tensor, decay: float, threshold: floa
     if x.numel() == 0:
         return grad_x
     x2, gs2, gx2 = _numpy_2d(x), _numpy_2d(grad_spikes), _numpy_2d(grad_x)
-    t, n = x2.shape
+    t, n = gs2.shape
+    rows, size = x2.shape[0], x.element_size()
     k1, k2, m_spike = _grad_constants(threshold, soft_reset, detach_reset)
     floats = (decay, threshold, surrogate_alpha, k1, k2, m_spike)
-    chunk = _ALIGN if t in (1, 2, 4) else _bwd_chunk(t, n, x.element_size())
+    # scratch per thread: d and gd [t, chunk] (gd: a constant input's per-step gradients), g [chunk]
+    chunk = _ALIGN if rows == t and t in (1, 2, 4) else _bwd_chunk(t if rows == t else 2 * t, n, size)
     threads, claim = _plan(t, n)
     if threads > 1:
-        ints = {_P_X: x2.ctypes.data, _P_OUT: gs2.ctypes.data, _P_GX: gx2.ctypes.data, _P_T: t,
-                _P_N: n, _P_CLAIM: claim, _P_CHUNK: chunk, _P_SOFT: int(soft_reset),
-                _P_G_OFFSET: t * chunk * x.element_size()}
-        _run("bwd", x.dtype, threads, ints, floats, (t + 1) * chunk * x.element_size())
+        ints = {_P_X: x2.ctypes.data, _P_X_ROWS: rows, _P_OUT: gs2.ctypes.data, _P_GX: gx2.ctypes.data,
+                _P_T: t, _P_N: n, _P_CLAIM: claim, _P_CHUNK: chunk, _P_SOFT: int(soft_reset),
+                _P_GD_OFFSET: t * chunk * size, _P_G_OFFSET: 2 * t * chunk * size}
+        _run("bwd", x.dtype, threads, ints, floats, (2 * t + 1) * chunk * size)
     else:
-        d, g = np.empty((t, chunk), x2.dtype), np.empty(chunk, x2.dtype)
+        d, gd, g = np.empty((t, chunk), x2.dtype), np.empty((t, chunk), x2.dtype), np.empty(chunk, x2.dtype)
         decay_, threshold_, alpha_, k1_, k2_, m_ = _scalars(x.dtype, *floats)
-        _backward_columns(x2, gs2, gx2, 0, n, d, g, decay_, threshold_, alpha_, soft_reset, k1_,
+        _backward_columns(x2, gs2, gx2, 0, n, d, gd, g, decay_, threshold_, alpha_, soft_reset, k1_,
                           k2_, m_)
     return grad_x
 
@@ -775,6 +799,29 @@ def lif_input_grad_cpu(grad_spikes: Tensor, x: Tensor, decay: float, threshold: 
                           float(surrogate_alpha), bool(detach_reset))
 
 
+def lif_constant_input_cpu(x: Tensor, steps: int, decay: float, threshold: float, reset: str) -> Tensor:
+    """Spikes [steps, *x.shape] of lif_multistep_cpu on x[...] repeated `steps` times, without
+    the repeat: every column reads x once. Values only (no autograd); the gradient is
+    lif_constant_input_grad_cpu."""
+    _check_reset(reset)
+    return _forward_impl(x.unsqueeze(0), float(decay), float(threshold), reset == "soft", int(steps))
+
+
+def lif_constant_input_grad_cpu(grad_spikes: Tensor, x: Tensor, decay: float, threshold: float, reset: str,
+                                surrogate_alpha: float, detach_reset: bool) -> Tensor:
+    """dL/dx[...] of lif_constant_input_cpu(x, T, ...) from x and dL/dspikes [T, *x.shape]: the T
+    steps' input gradients summed, computed in one pass that recomputes h from x (cache-sized
+    buffers, no [T, ...] temporary). Contiguous, x's shape and dtype."""
+    _check_reset(reset)
+    return _backward_impl(grad_spikes, x.unsqueeze(0), float(decay), float(threshold), reset == "soft",
+                          float(surrogate_alpha), bool(detach_reset))[0]
+
+
+def _check_reset(reset: str) -> None:
+    if reset not in ("hard", "soft"):
+        raise ValueError(f"fullrange.kernels.lif_cpu: reset must be 'hard' or 'soft', got {reset!r}")
+
+
 def lif_multistep_cpu(x: Tensor, decay: float, threshold: float, reset: str, surrogate_alpha: float,
                       detach_reset: bool) -> Tensor:
     """Multi-step LIF on a time-major CPU x [T, ...] (float32 or float64); spikes like x.
@@ -784,8 +831,7 @@ def lif_multistep_cpu(x: Tensor, decay: float, threshold: float, reset: str, sur
     the reset. Differentiable w.r.t. x: autograd keeps x itself (no new memory for a contiguous
     x) and the backward recomputes h - theta from it. The result is contiguous.
     """
-    if reset not in ("hard", "soft"):
-        raise ValueError(f"fullrange.kernels.lif_cpu: reset must be 'hard' or 'soft', got {reset!r}")
+    _check_reset(reset)
     args = (float(decay), float(threshold), reset == "soft", float(surrogate_alpha),
             bool(detach_reset))
     if not _eager(x):  # torch.compile, fake tensors, torch.func: the registered custom op

@@ -146,7 +146,7 @@ def test_sigmoid_slope_accuracy():
     x = (np.linspace(-25, 25, 480001).astype(f32) + f32(1.0)).reshape(1, -1)
     gx = np.empty_like(x)
     # T = 1, soft, detached: g_x = g_s * a * p(1 - p) at d = x - threshold, a = 4
-    lif_cpu._backward_columns(x, np.ones_like(x), gx, 0, x.shape[1], np.empty((1, 16), f32),
+    lif_cpu._backward_columns(x, np.ones_like(x), gx, 0, x.shape[1], np.empty((1, 16), f32), np.empty((1, 16), f32),
                               np.empty(16, f32), f32(0.5), f32(1.0), f32(4.0), True, f32(0.0),
                               f32(0.0), f32(1.0))
     z = 4.0 * (x[0] - f32(1.0)).astype(np.float64)
@@ -156,6 +156,39 @@ def test_sigmoid_slope_accuracy():
     assert rel[np.abs(z) < 16].max() < 1.5e-6  # measured 1.1e-6
     assert rel[np.abs(z) < 80].max() < 5e-6  # measured 3.9e-6 (rounding of z log2(e))
     assert np.abs(gx[0] - exact).max() < 3e-7  # measured 1.7e-7; torch's fp32 sigmoid: ~1e-7
+
+
+CONSTANT_CASES = [(t, n, threads) for t in (1, 2, 3, 4, 6) for n, threads in ((37, 1), (3 * lif_cpu.CLAIM_MAX + 1001, 2))]
+
+
+@pytest.mark.parametrize("T, N, threads", CONSTANT_CASES, ids=[f"T{t}-N{n}-threads{k}" for t, n, k in CONSTANT_CASES])
+def test_constant_input_equals_the_repeated_input(T, N, threads):
+    """An input that is the same at every step (a stem run once): the kernel reads x[N] T times
+    without the repeat. Spikes equal the reference on the repeated input bit for bit; the
+    gradient is the reference's T input gradients summed (1e-5 fp32, 1e-12 fp64), for both
+    resets, detached or not, T through the fused (1, 2, 4) and the blocked (3, 6) steps, one
+    thread and torch's team (the buffered pass covers every T for a constant input)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for (reset, detach), dtype in itertools.product([("hard", False), ("soft", False), ("hard", True),
+                                                         ("soft", True)], [torch.float32, torch.float64]):
+            decay, theta, alpha = PAPER[reset]
+            x, grad_s = make_inputs(T, [N], theta, seed=T * 7 + N, dtype=dtype)
+            x = x[0]
+            xr = x.expand(T, N).clone().requires_grad_()
+            ref_s = lif_reference(xr, decay, theta, reset, alpha, detach)[0]
+            ref_s.backward(grad_s)
+            s = lif_cpu.lif_constant_input_cpu(x, T, decay, theta, reset)
+            g = lif_cpu.lif_constant_input_grad_cpu(grad_s, x, decay, theta, reset, alpha, detach)
+            assert s.shape == (T, N) and g.shape == (N,) and g.dtype == dtype
+            assert torch.equal(s, ref_s.detach()), (reset, detach, dtype)
+            tol = 1e-5 if dtype == torch.float32 else 1e-12
+            torch.testing.assert_close(g, xr.grad.sum(0), rtol=0, atol=tol * T, msg=f"{reset} {detach} {dtype}")
+            if N > 1000:
+                assert 0.05 < ref_s.mean() < 0.95
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---------------------------------------------------------------- op behaviour

@@ -242,15 +242,16 @@ def _train_steps(model, x, T, steps=2):
 
 @pytest.mark.parametrize("name, T", [("spiking_resnet_tiny", 4), ("spiking_resnet19_cifar", 3),
                                      ("spiking_preact_resnet34", 2)])
-@pytest.mark.parametrize("momentum", [0.1, None])
-def test_stem_once_equals_the_stem_on_every_copy(name, T, momentum):
+@pytest.mark.parametrize("momentum, backend", [(0.1, "auto"), (None, "auto"), (0.1, "torch")])
+def test_stem_once_equals_the_stem_on_every_copy(name, T, momentum, backend):
     """model.stem_once runs the stem on the image instead of its T copies. In float64 (no spike
     near enough to the threshold for rounding to flip it) it gives the per-step stem's logits,
     gradients and running statistics (BatchNorm's unbiased variance over T*B*H*W samples, one
     num_batches_tracked per batch, momentum=None's cumulative average too) to 1e-10, in
-    channels_last as well; and its stem convolution sees B rows, not T*B."""
+    channels_last as well; and its stem convolution sees B rows, not T*B. The stem LIF's
+    constant-input path runs on the CPU kernel ("auto") and on the torch backend."""
     torch.manual_seed(0)
-    per_step = build_model(name, 10, INPUT[name][0], NEURON).double()
+    per_step = build_model(name, 10, INPUT[name][0], {**NEURON, "backend": backend}).double()
     for m in per_step.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.momentum = momentum

@@ -85,6 +85,32 @@ def test_merged_input_grad_keeps_the_channels_last_layout():
     assert torch.equal(got, expected) and got.is_contiguous(memory_format=torch.channels_last)
 
 
+@pytest.mark.parametrize("backend, dtype", [("torch", torch.float32), ("torch", torch.bfloat16),
+                                            pytest.param("cpu", torch.float32, marks=needs_numba),
+                                            pytest.param("cpu", torch.float64, marks=needs_numba)])
+@pytest.mark.parametrize("reset, detach", [("hard", False), ("soft", True)])
+def test_constant_input_equals_lif_on_the_repeat(reset, detach, dtype, backend):
+    """MergedLIF.forward_constant / constant_input_grad (a stem that runs once: y[B, ...] the
+    same at every step) give lif's spikes on repeat_time(y, T) exactly, and the repeat's
+    gradient (autograd sums the T steps) to rounding, in y's layout (channels_last kept)."""
+    from fullrange.models.layers import MergedLIF, repeat_time
+
+    T = 3
+    m = MergedLIF(decay=0.4, threshold=0.9, reset=reset, surrogate_alpha=3.0, detach_reset=detach, backend=backend)
+    g = torch.Generator().manual_seed(6)
+    y = (torch.randn(4, 5, 6, 7, generator=g) * 1.2 + 0.6).to(dtype).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(T * 4, 5, 6, 7, generator=g).to(dtype)
+    yr = y.clone().requires_grad_()
+    expected = m(repeat_time(yr, T), T)
+    expected.backward(grad)
+    spikes, got = m.forward_constant(y, T), m.constant_input_grad(y, grad, T)
+    assert torch.equal(spikes, expected.detach()) and spikes.is_contiguous(memory_format=torch.channels_last)
+    assert got.dtype == dtype and got.is_contiguous(memory_format=torch.channels_last)
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.bfloat16: 2e-2}[dtype]
+    torch.testing.assert_close(got.float(), yr.grad.float(), rtol=0, atol=tol)
+    assert yr.grad.abs().sum() > 0
+
+
 def test_module_is_stateless_and_accepts_noncontiguous():
     m = LIF()
     x = make_input(4, shape=(6, 5))

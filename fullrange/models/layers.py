@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from fullrange.models.memory import MemoryModes, NeuronUnitCPU, SpikeConv2d, is_nhwc, recomputed
 from fullrange.neuron import LIF, resolve_backend
@@ -30,6 +31,20 @@ class MergedLIF(LIF):
         (neuron.lif_input_grad); in x's layout."""
         nhwc = is_nhwc(x)
         return _merged(super().input_grad(_time_major(x, T, nhwc), _time_major(grad_spikes, T, nhwc)), nhwc)
+
+    def forward_constant(self, y: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
+        """spikes[T*B, ...] of forward(repeat_time(y, T), T) for a y[B, ...] that is the same at
+        every step, without building the repeat (LIF.forward_constant); values only, in y's
+        layout."""
+        nhwc = is_nhwc(y)
+        return _merged(super().forward_constant(_time_major(y, 1, nhwc)[0], T), nhwc)
+
+    def constant_input_grad(self, y: torch.Tensor, grad_spikes: torch.Tensor, T: int) -> torch.Tensor:  # type: ignore[override]
+        """dL/dy[B, ...] of forward_constant(y, T) from dL/dspikes[T*B, ...]: the T steps'
+        gradients summed (LIF.constant_input_grad); in y's layout."""
+        nhwc = is_nhwc(y)
+        grad = super().constant_input_grad(_time_major(y, 1, nhwc)[0], _time_major(grad_spikes, T, nhwc))
+        return _merged(grad.unsqueeze(0), nhwc)
 
 
 def _time_major(x: torch.Tensor, T: int, nhwc: bool) -> torch.Tensor:
@@ -159,12 +174,63 @@ class NeuronUnits(MemoryModes):
 
     def time_invariant_unit(self, bn: nn.Module, lif: nn.Module, c: torch.Tensor, T: int) -> torch.Tensor:
         """spikes[T*B, C, H, W] = lif(bn(c) repeated over T, T) for a stem output c[B, C, H, W]
-        that is the same at every step (stem_runs_once): BatchNorm runs once
-        (batch_norm_over_time), the LIF on the repeated result. In spikes_1bit it keeps only c
-        and recomputes the rest in the backward."""
+        that is the same at every step (stem_runs_once). BatchNorm runs once
+        (batch_norm_over_time) and the LIF reads its output [B] at every step
+        (MergedLIF.forward_constant): in training through TimeInvariantUnit, which keeps only c,
+        in every memory mode; without autograd directly. Under torch.compile, or with a BatchNorm
+        that TimeInvariantUnit does not serve, the LIF runs on the repeated output (autograd; in
+        spikes_1bit recomputed from c)."""
+        eager = not torch.compiler.is_compiling()
+        if eager and TimeInvariantUnit.serves(bn) and torch.is_grad_enabled():
+            return TimeInvariantUnit.apply(c, bn, lif, T, bn.weight, bn.bias)
+        if eager and not torch.is_grad_enabled():
+            return lif.forward_constant(batch_norm_over_time(bn, c, T), T)
+
         def unit(c_: torch.Tensor) -> torch.Tensor:
             return lif(repeat_time(batch_norm_over_time(bn, c_, T), T), T)
         return recomputed(unit, (c,), (bn,), (False,)) if self.memory == "spikes_1bit" else unit(c)
+
+
+class TimeInvariantUnit(torch.autograd.Function):
+    """c[B, C, H, W] -> spikes[T*B, C, H, W] = lif(bn(c) repeated over T, T) for a training-mode
+    affine nn.BatchNorm2d, keeping only c for the backward (any device, any memory mode).
+
+    forward, without autograd: batch_norm_over_time (BatchNorm's running statistics update as on
+    the T copies), then MergedLIF.forward_constant: the LIF reads bn(c) [B] at every step.
+    backward: bn(c) again from c by aten.native_batch_norm on the batch statistics (the call
+    batch_norm_over_time makes, so the same values bit for bit), the LIF's input gradient summed
+    over the T steps (MergedLIF.constant_input_grad: on the CPU one kernel pass, no [T*B]
+    temporary), and aten.native_batch_norm_backward. Nothing of size T*B is kept or built
+    besides the spikes and their gradient."""
+
+    @staticmethod
+    def serves(bn: nn.Module) -> bool:
+        return type(bn) is nn.BatchNorm2d and bn.training and bn.affine
+
+    @staticmethod
+    def forward(ctx, c, bn, lif, T, weight, bias):
+        with torch.no_grad():
+            spikes = lif.forward_constant(batch_norm_over_time(bn, c, T), T)
+        ctx.save_for_backward(c)
+        ctx.modules, ctx.T = (bn, lif), T
+        device = c.device.type
+        ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
+        return spikes
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_spikes):
+        (c,) = ctx.saved_tensors
+        bn, lif = ctx.modules
+        device, enabled, dtype = ctx.autocast
+        with torch.autocast(device, dtype=dtype, enabled=enabled):
+            y, mean, invstd = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
+            grad_y = lif.constant_input_grad(y, grad_spikes, ctx.T).to(y.dtype)
+        del y
+        needs = ctx.needs_input_grad
+        grad_c, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
+            grad_y, c, bn.weight, None, None, mean, invstd, True, bn.eps, [needs[0], needs[4], needs[5]])
+        return grad_c, None, None, None, grad_w, grad_b
 
 
 def encode_direct(x: torch.Tensor, T: Optional[int], repeat: bool = True) -> Tuple[torch.Tensor, int]:
