@@ -8,7 +8,8 @@ runs them with the GPU benchmarks in one command.
 - model.compile (torch.compile of the student, Triton LIF inside) against eager;
 - every memory mode (model.memory, and spikes_1bit with model.recompute_blocks) against default
   under bf16 autocast, channels_last;
-- the fused Triton BN+LIF (model.fuse_bn_lif) against the modules unfused, fp32 and bf16.
+- the fused Triton BN+LIF (model.fuse_bn_lif) against the modules unfused, fp32 and bf16;
+- model.stem_once (the stem LIF on a constant input) against the per-step stem.
 """
 import json
 import os
@@ -85,6 +86,41 @@ def test_memory_modes_equal_default_on_cuda(mode, blocks):
     assert torch.equal(o0, o1)
     assert all(torch.allclose(a, b, rtol=1e-3, atol=1e-5) for a, b in zip(g0, g1))
     assert all(torch.equal(a, b) for a, b in zip(b0, b1))
+
+
+def test_stem_once_on_cuda():
+    """model.stem_once on CUDA: the stem LIF on a constant input (MergedLIF.forward_constant /
+    constant_input_grad, Triton on the expanded input) equals the LIF on the repeat, fp32
+    channels_last (spikes exactly, gradients to 1e-5); and ResNet-19 with the stem once equals
+    the per-step stem in float64 (logits, gradients, running statistics to 1e-9)."""
+    import copy
+
+    from fullrange.models import build_model
+    from fullrange.models.layers import MergedLIF, repeat_time
+
+    lif = MergedLIF(decay=0.5, reset="hard")
+    y = (torch.randn(8, 16, 12, 12, device=CUDA) + 0.6).contiguous(memory_format=torch.channels_last)
+    grad = torch.randn(4 * 8, 16, 12, 12, device=CUDA)
+    yr = y.clone().requires_grad_()
+    spikes = lif(repeat_time(yr, 4), 4)
+    spikes.backward(grad)
+    assert torch.equal(lif.forward_constant(y, 4), spikes.detach())
+    torch.testing.assert_close(lif.constant_input_grad(y, grad, 4), yr.grad, rtol=0, atol=1e-5)
+
+    torch.manual_seed(0)
+    base = build_model("spiking_resnet19_cifar", 10, 3).to(CUDA, torch.float64).to(memory_format=torch.channels_last)
+    x = torch.randn(4, 3, 32, 32, device=CUDA, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    results = []
+    for once in (False, True):
+        model = copy.deepcopy(base)
+        model.stem_once = once
+        out = model(x, 3)
+        (out * torch.linspace(-1, 1, out.numel(), device=CUDA, dtype=torch.float64).view_as(out)).sum().backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()], [b.double() for b in model.buffers()]))
+    (o0, g0, b0), (o1, g1, b1) = results
+    torch.testing.assert_close(o1, o0, rtol=0, atol=1e-9)
+    for a, b in zip(g0 + b0, g1 + b1):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
