@@ -48,7 +48,8 @@ _LOW_PRECISION = (torch.float16, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _CPU_KERNEL_DTYPES = (torch.float32, torch.float64)
 
-__all__ = ["LIF", "lif", "lif_input_grad", "lif_constant_input", "lif_constant_input_grad", "lif_multistep", "lif_reference", "lif_membrane", "resolve_backend",
+__all__ = ["LIF", "lif", "lif_input_grad", "lif_constant_input", "lif_constant_input_grad",
+           "lif_multistep", "lif_reference", "lif_membrane", "resolve_backend",
            "check_lif_args", "RESETS", "BACKENDS"]
 
 

@@ -45,7 +45,9 @@ in the user cache dir, or NUMBA_CACHE_DIR); where no cache dir is writable the k
 compiled per process instead. Public API: ``lif_multistep_cpu``: in eager mode a plain
 autograd Function; under torch.compile, fake tensors or torch.func the custom op
 ``fullrange::lif_cpu_fwd`` (fake and autograd registered, so it traces with fullgraph=True), the
-same implementation either way;
+same implementation either way; ``lif_constant_input_cpu`` and ``lif_constant_input_grad_cpu``
+for an input that is the same at every step (x[N] read T times, its gradient summed over the
+steps in the backward pass; eager only, no autograd: fullrange.models.layers.TimeInvariantUnit);
 ``cpu_kernel_available()``, ``cpu_kernel_error()`` and ``SUPPORTED_DTYPES``. This module imports
 without numba; calling the op without it raises a clear error.
 """
@@ -72,7 +74,8 @@ except Exception as error:  # pragma: no cover - depends on the environment
     numba = None
     _NUMBA_ERROR = f"{type(error).__name__}: {error}"
 
-__all__ = ["lif_multistep_cpu", "lif_constant_input_cpu", "lif_constant_input_grad_cpu", "cpu_kernel_available", "cpu_kernel_error", "SUPPORTED_DTYPES"]
+__all__ = ["lif_multistep_cpu", "lif_constant_input_cpu", "lif_constant_input_grad_cpu", "cpu_kernel_available",
+           "cpu_kernel_error", "SUPPORTED_DTYPES"]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)
 PARALLEL_MIN_ELEMENTS = 1 << 16  # T * N below this: run on the calling thread only
@@ -248,10 +251,10 @@ if numba is not None:
         """Steps t0..t0+steps-1 of columns lo..lo+n of x: writes the spikes or, with
         membrane, h - threshold, to columns out_lo..out_lo+n of out [T, *]. Step t reads row
         t * x_step of x: x[T, N] with x_step 1, or x[1, N] with x_step 0 (an input that is the
-        same at every step). A single block covers all
-        of T = 1, 2 or 4 and leaves v alone; otherwise blocks have 4, 2 or 1 steps and v[:n]
-        carries the state between them (zeroed at t0 == 0: v_0 = 0). membrane and single are literal flags at every call site,
-        so numba compiles one variant per combination with the dead branches gone.
+        same at every step). A single block covers all of T = 1, 2 or 4 and leaves v alone;
+        otherwise blocks have 4, 2 or 1 steps and v[:n] carries the state between them (zeroed
+        at t0 == 0: v_0 = 0). membrane and single are literal flags at every call site, so
+        numba compiles one variant per combination with the dead branches gone.
 
         The forward and the backward's recomputation run this code (or _backward_fused, with
         the same expressions): h = decay * v then + x, two roundings (_mul_exact: never an
@@ -324,8 +327,8 @@ if numba is not None:
     @_jit(fastmath={"contract"}, **_OPTS)
     def _reverse_block(gs, gx, d, t0, steps, lo, n, out_lo, g, decay, alpha, k1, k2, m_spike):
         """g_x for t = t0+steps-1 down to t0 (steps 1, 2 or 4), columns lo..lo+n of g_s and
-        d[:, :n], into columns out_lo..out_lo+n of gx. g[:n] holds g_h_{t0+steps} (zeros above the last step) and receives g_h_{t0};
-        within the block the state stays in registers."""
+        d[:, :n], into columns out_lo..out_lo+n of gx. g[:n] holds g_h_{t0+steps} (zeros above
+        the last step) and receives g_h_{t0}; within the block the state stays in registers."""
         zero = k2 - k2
         one = alpha / alpha
         t3 = t0 + steps - 1

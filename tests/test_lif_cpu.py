@@ -158,7 +158,8 @@ def test_sigmoid_slope_accuracy():
     assert np.abs(gx[0] - exact).max() < 3e-7  # measured 1.7e-7; torch's fp32 sigmoid: ~1e-7
 
 
-CONSTANT_CASES = [(t, n, threads) for t in (1, 2, 3, 4, 6) for n, threads in ((37, 1), (3 * lif_cpu.CLAIM_MAX + 1001, 2))]
+CONSTANT_CASES = [(t, n, threads) for t in (1, 2, 3, 4, 6)
+                  for n, threads in ((37, 1), (3 * lif_cpu.CLAIM_MAX + 1001, 2))]
 
 
 @pytest.mark.parametrize("T, N, threads", CONSTANT_CASES, ids=[f"T{t}-N{n}-threads{k}" for t, n, k in CONSTANT_CASES])

@@ -199,9 +199,9 @@ class TimeInvariantUnit(torch.autograd.Function):
     the T copies), then MergedLIF.forward_constant: the LIF reads bn(c) [B] at every step.
     backward: bn(c) again from c by aten.native_batch_norm on the batch statistics (the call
     batch_norm_over_time makes, so the same values bit for bit), the LIF's input gradient summed
-    over the T steps (MergedLIF.constant_input_grad: on the CPU one kernel pass, no [T*B]
-    temporary), and aten.native_batch_norm_backward. Nothing of size T*B is kept or built
-    besides the spikes and their gradient."""
+    over the T steps (MergedLIF.constant_input_grad), and aten.native_batch_norm_backward. With
+    the CPU kernel nothing of size T*B is kept or built besides the spikes and their gradient;
+    other LIF backends build the repeat for the time of the LIF's backward."""
 
     @staticmethod
     def serves(bn: nn.Module) -> bool:
