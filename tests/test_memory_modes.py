@@ -5,6 +5,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fullrange.config import ConfigError, load_config
 from fullrange.models import build_model
@@ -130,6 +131,37 @@ def test_spike_conv_saves_its_input_as_bits():
     assert _saved_bytes(conv, x) == x.numel() * 4
     conv.pack_input = True
     assert _saved_bytes(conv, x) == -(-x.numel() // 8)
+
+
+@pytest.mark.parametrize("kernel, stride, size", [(1, 2, 14), (1, 2, 7), (1, 3, 10), (3, 2, 9)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+def test_spike_conv_input_gradient_equals_autograds(kernel, stride, size, layout):
+    """SpikeConv2d's own backward (a strided 1x1 conv: the pointwise path in every mode; any conv
+    when packing) against nn.Conv2d under autograd: the same output, input and weight
+    gradients (to float rounding), in the input's layout; odd sizes and stride 3 included."""
+    torch.manual_seed(0)
+    ref = nn.Conv2d(6, 5, kernel, stride=stride, padding=kernel // 2, bias=True)
+    conv = SpikeConv2d(6, 5, kernel, stride=stride, padding=kernel // 2, bias=True)
+    conv.load_state_dict(ref.state_dict())
+    x = _spikes((4, 6, size, size), torch.Generator().manual_seed(3)).contiguous(memory_format=layout)
+    grad = torch.randn(ref(x).shape, generator=torch.Generator().manual_seed(4))
+    xr = x.clone().requires_grad_()
+    out_ref = ref(xr)
+    out_ref.backward(grad)
+    for pack in (False, True):
+        conv.pack_input = pack
+        conv.zero_grad()
+        xs = x.clone().requires_grad_()
+        out = conv(xs)
+        assert ("SpikeInputConv" in out.grad_fn.name()) == (pack or kernel == 1)
+        out.backward(grad)
+        assert torch.equal(out, out_ref)
+        assert xs.grad.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(conv.bias.grad, ref.bias.grad, rtol=1e-6, atol=1e-6)
+        if kernel == 1:  # only the pixels on the stride's grid are read: the rest get exact zeros
+            assert torch.count_nonzero(xs.grad) <= xs.grad[:, :, ::stride, ::stride].numel()
 
 
 def test_checkpoint_keeps_only_block_inputs():

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from fullrange.models.conv_grad import conv_input_grad, pointwise_strided
+
 MEMORY_MODES = ("default", "spikes_1bit", "checkpoint")
 _BITS = 8
 
@@ -108,49 +110,44 @@ def _as_autocast(x, weight, bias):
     return cast, x.to(cast), weight.to(cast), None if bias is None else bias.to(cast)
 
 
-class _PackedInputConv(torch.autograd.Function):
-    """conv2d(x, w, b) that saves x bit-packed. backward: aten.convolution_backward (autograd's
-    kernels) in two calls: the weight and bias gradients from the unpacked x, which is then
-    freed, and the input gradient, which reads only x's shape and layout. It gets an unwritten
-    tensor of x's layout (torch.empty_strided: on the CPU its pages are never touched, so they
-    cost no resident memory; an expanded 1-element tensor, as torch.nn.grad.conv2d_input uses,
-    sends mkldnn to a path measured 1.6-4x slower with a scratch of 1-3 input sizes). So x and
-    its gradient are never in memory together (the demo block's backward peak: one input-sized
-    tensor less)."""
+class _SpikeInputConv(torch.autograd.Function):
+    """conv2d(x, w, b) on a spike input x that saves x bit-packed (pack) or as it is (as
+    autograd would: in the autocast dtype). backward: aten.convolution_backward for the weight
+    and bias gradients from x, which is then freed when it was unpacked, and the input gradient
+    from conv_grad.conv_input_grad, which needs only x's shape and layout: x and its gradient
+    are never in memory together in spikes_1bit, and a strided 1x1 conv (a downsample) takes
+    the CPU's pointwise path in every mode."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv: nn.Conv2d):
+    def forward(ctx, x, weight, bias, conv: nn.Conv2d, pack: bool):
         cast, xc, wc, bc = _as_autocast(x, weight, bias)
         with torch.autocast(x.device.type, enabled=False):
             out = F.conv2d(xc, wc, bc, conv.stride, conv.padding, conv.dilation, conv.groups)
-        bits, ctx.meta = _packed_once(x, xc.dtype)
-        ctx.save_for_backward(bits, weight)
+        saved, ctx.meta = _packed_once(x, xc.dtype) if pack else (xc, None)
+        ctx.save_for_backward(saved, weight)
         ctx.args = (conv.stride, conv.padding, conv.dilation, conv.groups, cast, x.dtype, bias is not None)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        bits, weight = ctx.saved_tensors
+        saved, weight = ctx.saved_tensors
         stride, padding, dilation, groups, cast, x_dtype, has_bias = ctx.args
         w = weight if cast is None else weight.to(cast)
-        args = (list(stride), list(padding), list(dilation), False, [0, 0], groups)
         needs = ctx.needs_input_grad
-        x = unpack_spikes(bits, ctx.meta)
+        x = saved if ctx.meta is None else unpack_spikes(saved, ctx.meta)
         gw, gb = None, None
         if needs[1] or (has_bias and needs[2]):
-            _, gw, gb = torch.ops.aten.convolution_backward(grad_out, x, w, [w.shape[0]] if has_bias else None, *args,
-                                                            [False, needs[1], has_bias and needs[2]])
-        layout = x.shape, x.stride(), x.dtype
+            _, gw, gb = torch.ops.aten.convolution_backward(
+                grad_out, x, w, [w.shape[0]] if has_bias else None, list(stride), list(padding), list(dilation),
+                False, [0, 0], groups, [False, needs[1], has_bias and needs[2]])
+        shape, strides = x.shape, x.stride()
         del x
-        gx = None
-        if needs[0]:  # reads only the input's shape and layout: an unwritten tensor stands in for x
-            stand_in = torch.empty_strided(*layout[:2], dtype=layout[2], device=grad_out.device)
-            gx = torch.ops.aten.convolution_backward(grad_out, stand_in, w, None, *args,
-                                                     [True, False, False])[0].to(x_dtype)
+        gx = None if not needs[0] else \
+            conv_input_grad(grad_out, w, shape, strides, stride, padding, dilation, groups).to(x_dtype)
         gw = None if gw is None else gw.to(weight.dtype)
         gb = None if gb is None else gb.to(weight.dtype)
-        return gx, gw, gb, None
+        return gx, gw, gb, None, None
 
 
 class _PackedInputLinear(torch.autograd.Function):
@@ -175,28 +172,35 @@ class _PackedInputLinear(torch.autograd.Function):
         w = weight if cast is None else weight.to(cast)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gw = g2.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        del x  # freed before the input gradient is built, as in _PackedInputConv
+        del x  # freed before the input gradient is built, as in _SpikeInputConv
         gb = g2.sum(0).to(weight.dtype) if has_bias and ctx.needs_input_grad[2] else None
         gx = grad_out.matmul(w).to(x_dtype) if ctx.needs_input_grad[0] else None
         return gx, gw, gb
 
 
-def _packing(module: nn.Module, x: torch.Tensor) -> bool:
-    return module.pack_input and torch.is_grad_enabled() and (
-        x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False)))
+def _recording(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether autograd records module(x) (so the module's own backward would run)."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in module.parameters(recurse=False)))
 
 
 class SpikeConv2d(nn.Conv2d):
     """nn.Conv2d whose input is a spike tensor (0/1). With `pack_input` (set by set_memory) and
-    autograd recording it saves that input bit-packed; otherwise it is nn.Conv2d. Same
-    parameters and state_dict keys as nn.Conv2d. x[N, Cin, H, W] -> [N, Cout, H', W']."""
+    autograd recording it saves that input bit-packed. A strided 1x1 conv (a downsample) on the
+    CPU, in eager mode, runs its backward through conv_grad's pointwise path in every mode.
+    Otherwise it is nn.Conv2d. Same parameters and state_dict keys as nn.Conv2d.
+    x[N, Cin, H, W] -> [N, Cout, H', W']."""
 
     pack_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _packing(self, x) or self.padding_mode != "zeros":
+        if self.padding_mode != "zeros" or not _recording(self, x):
             return super().forward(x)
-        return _PackedInputConv.apply(x, self.weight, self.bias, self)
+        if self.pack_input:
+            return _SpikeInputConv.apply(x, self.weight, self.bias, self, True)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling() and \
+                pointwise_strided(self.weight, self.stride, self.padding, self.groups):
+            return _SpikeInputConv.apply(x, self.weight, self.bias, self, False)
+        return super().forward(x)
 
 
 class SpikeLinear(nn.Linear):
@@ -205,7 +209,7 @@ class SpikeLinear(nn.Linear):
     pack_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _packing(self, x):
+        if not (self.pack_input and _recording(self, x)):
             return super().forward(x)
         return _PackedInputLinear.apply(x, self.weight, self.bias)
 
