@@ -15,6 +15,7 @@ import math
 
 import torch
 from torch import nn
+from torch.optim.sgd import sgd
 
 from typing import TYPE_CHECKING
 
@@ -35,10 +36,56 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: "OptimConfig", fused: bool = True) -> torch.optim.SGD:
-    """SGD over the model's parameters; fused=True (one kernel per step, and it can skip a step
-    on a device flag) needs them on the CPU or a GPU."""
-    return torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
-                           nesterov=cfg.nesterov, fused=fused)
+    """SGD over the model's parameters (MemoryOrderSGD); fused=True (one kernel per step, and it
+    can skip a step on a device flag) needs them on the CPU or a GPU."""
+    return MemoryOrderSGD(param_groups(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum,
+                          nesterov=cfg.nesterov, fused=fused)
+
+
+class MemoryOrderSGD(torch.optim.SGD):
+    """torch.optim.SGD whose step hands the update each channels_last weight, its gradient and its
+    momentum buffer as contiguous views in memory order (permute(0, 2, 3, 1): the same storage,
+    and the update is elementwise). torch's fused CPU kernel otherwise copies every such tensor
+    to contiguous and back: 19 ms of preact-34's 480 ms CPU step (BENCHMARKS.md). A weight whose
+    gradient or buffer is laid out otherwise is passed as it is. The state keeps the buffers in
+    the weights' own shape, so checkpoints are torch.optim.SGD's."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            buffers: list = []
+            sparse = self._init_group(group, params, grads, buffers)
+            momentum = group["momentum"] != 0
+            viewed = [_channels_last(p) and _channels_last(g) and (not momentum or _channels_last(b))
+                      for p, g, b in zip(params, grads, buffers if momentum else params)]
+            in_order = [[_memory_order(t) if v else t for t, v in zip(ts, viewed)]
+                        for ts in (params, grads, buffers)]
+            sgd(in_order[0], in_order[1], in_order[2] if momentum else buffers,
+                weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+                dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
+                has_sparse_grad=sparse, foreach=group["foreach"], fused=group["fused"],
+                grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
+            if momentum:  # sgd may have created buffers (the first step) in place of None
+                for p, old, new, v in zip(params, buffers, in_order[2], viewed):
+                    self.state[p]["momentum_buffer"] = old if v else new
+        return loss
+
+
+def _channels_last(t) -> bool:
+    """A 4-d tensor laid out channels_last and not also contiguous (so a view changes something)."""
+    return (t is not None and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
+            and not t.is_contiguous())
+
+
+def _memory_order(t: torch.Tensor) -> torch.Tensor:
+    """A channels_last [N, C, H, W] tensor as the contiguous view [N, H, W, C] of its storage."""
+    return t.permute(0, 2, 3, 1)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, steps_per_epoch: int = 1):
