@@ -17,6 +17,8 @@ import torch
 from torch import nn
 from torch.optim.sgd import sgd
 
+from fullrange.models.memory import is_nhwc
+
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # fullrange.config imports SCHEDULES from here
@@ -61,12 +63,12 @@ class MemoryOrderSGD(torch.optim.SGD):
             grads: list[torch.Tensor] = []
             buffers: list = []
             sparse = self._init_group(group, params, grads, buffers)
-            momentum = group["momentum"] != 0
-            viewed = [_channels_last(p) and _channels_last(g) and (not momentum or _channels_last(b))
-                      for p, g, b in zip(params, grads, buffers if momentum else params)]
-            in_order = [[_memory_order(t) if v else t for t, v in zip(ts, viewed)]
+            momentum = group["momentum"] != 0  # else buffers stays empty
+            viewed = [is_nhwc(p) and is_nhwc(g) and (not momentum or (buffers[i] is not None and is_nhwc(buffers[i])))
+                      for i, (p, g) in enumerate(zip(params, grads))]
+            in_order = [[t.permute(0, 2, 3, 1) if v else t for t, v in zip(ts, viewed)]
                         for ts in (params, grads, buffers)]
-            sgd(in_order[0], in_order[1], in_order[2] if momentum else buffers,
+            sgd(*in_order,
                 weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
                 dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
                 has_sparse_grad=sparse, foreach=group["foreach"], fused=group["fused"],
@@ -75,17 +77,6 @@ class MemoryOrderSGD(torch.optim.SGD):
                 for p, old, new, v in zip(params, buffers, in_order[2], viewed):
                     self.state[p]["momentum_buffer"] = old if v else new
         return loss
-
-
-def _channels_last(t) -> bool:
-    """A 4-d tensor laid out channels_last and not also contiguous (so a view changes something)."""
-    return (t is not None and t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-            and not t.is_contiguous())
-
-
-def _memory_order(t: torch.Tensor) -> torch.Tensor:
-    """A channels_last [N, C, H, W] tensor as the contiguous view [N, H, W, C] of its storage."""
-    return t.permute(0, 2, 3, 1)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int, steps_per_epoch: int = 1):
