@@ -10,7 +10,7 @@ from torch import nn
 from fullrange.config import ConfigError, load_config
 from fullrange.models import build_model
 from fullrange.models.memory import (MEMORY_MODES, SpikeConv2d, pack_spikes, residual_blocks, set_memory,
-                                     unpack_spikes)
+                                     spike_convs, unpack_spikes)
 from fullrange.models.spiking_preact_resnet import SpikingPreActResNet
 from fullrange.models.spiking_resnet import SpikingResNet
 
@@ -162,6 +162,50 @@ def test_spike_conv_input_gradient_equals_autograds(kernel, stride, size, layout
         torch.testing.assert_close(conv.bias.grad, ref.bias.grad, rtol=1e-6, atol=1e-6)
         if kernel == 1:  # only the pixels on the stride's grid are read: the rest get exact zeros
             assert torch.count_nonzero(xs.grad) <= xs.grad[:, :, ::stride, ::stride].numel()
+
+
+@pytest.mark.parametrize("stride, size", [(2, 14), (2, 9), (3, 10)])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_block_input_convs_equal_autograds(stride, size, layout, precision):
+    """spike_convs runs a block's first conv (3x3) and its downsample (1x1, strided) on one spike
+    input as one autograd node that builds x's gradient in one tensor (the downsample's added
+    onto its stride's grid). Against the two nn.Conv2d under autograd, which sum two
+    input-sized gradients: the same outputs, input and weight gradients, in the input's layout,
+    packed or not, under bf16 autocast too (whose input gradient autograd sums in fp32)."""
+    torch.manual_seed(0)
+    refs = (nn.Conv2d(6, 5, 3, stride=stride, padding=1, bias=False), nn.Conv2d(6, 5, 1, stride=stride, bias=True))
+    convs = (SpikeConv2d(6, 5, 3, stride=stride, padding=1, bias=False), SpikeConv2d(6, 5, 1, stride=stride, bias=True))
+    for conv, ref in zip(convs, refs):
+        conv.load_state_dict(ref.state_dict())
+    x = _spikes((4, 6, size, size), torch.Generator().manual_seed(3)).contiguous(memory_format=layout)
+    out_shape = refs[0](x).shape
+    grads = [torch.randn(out_shape, generator=torch.Generator().manual_seed(4 + i)) for i in range(2)]
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    xr = x.clone().requires_grad_()
+    with autocast:  # a non-leaf input, as in a model (autocast caches the cast of a leaf only)
+        outs_ref = [ref(xr * 1) for ref in refs]
+    torch.autograd.backward(outs_ref, grads)
+    assert xr.grad.dtype == torch.float32
+    for pack in (False, True):
+        for conv in convs:
+            conv.pack_input = pack
+            conv.zero_grad()
+        xs = x.clone().requires_grad_()
+        with autocast:
+            outs = spike_convs(xs * 1, convs)
+        assert outs[0].grad_fn is outs[1].grad_fn and "SpikeInputConvs" in outs[0].grad_fn.name()
+        torch.autograd.backward(outs, grads)
+        for out, out_ref in zip(outs, outs_ref):
+            assert out.dtype == out_ref.dtype and torch.equal(out, out_ref)
+        assert xs.grad.dtype == torch.float32 and xs.grad.is_contiguous(memory_format=layout)
+        torch.testing.assert_close(xs.grad, xr.grad, rtol=1e-6, atol=1e-6)
+        for conv, ref in zip(convs, refs):
+            torch.testing.assert_close(conv.weight.grad, ref.weight.grad, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(convs[1].bias.grad, refs[1].bias.grad, rtol=1e-6, atol=1e-6)
+    convs[0].pack_input = False
+    with pytest.raises(ValueError, match="must all pack it"):
+        spike_convs(x.clone().requires_grad_(), convs)
 
 
 def test_checkpoint_keeps_only_block_inputs():

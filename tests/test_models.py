@@ -240,9 +240,14 @@ def _train_steps(model, x, T, steps=2):
         return model.eval()(x, T)
 
 
-@pytest.mark.parametrize("name, T", [("spiking_resnet_tiny", 4), ("spiking_resnet19_cifar", 3),
-                                     ("spiking_preact_resnet34", 2)])
-@pytest.mark.parametrize("momentum, backend", [(0.1, "auto"), (None, "auto"), (0.1, "torch")])
+_STEM_ONCE_VARIANTS = [(0.1, "auto"), (None, "auto"), (0.1, "torch")]
+
+
+@pytest.mark.parametrize("name, T, momentum, backend", [
+    *[("spiking_resnet_tiny", 4, *v) for v in _STEM_ONCE_VARIANTS],
+    *[("spiking_preact_resnet34", 2, *v) for v in _STEM_ONCE_VARIANTS],
+    ("spiking_resnet19_cifar", 3, 0.1, "auto"),  # its stem is the tiny one's, 10 s a variant in float64
+])
 def test_stem_once_equals_the_stem_on_every_copy(name, T, momentum, backend):
     """model.stem_once runs the stem on the image instead of its T copies. In float64 (no spike
     near enough to the threshold for rounding to flip it) it gives the per-step stem's logits,
@@ -276,3 +281,29 @@ def test_stem_once_equals_the_stem_on_every_copy(name, T, momentum, backend):
         events = x.unsqueeze(0).expand(T, *x.shape).contiguous()
         torch.testing.assert_close(once.train()(events), per_step.train()(events), rtol=0, atol=1e-10)
     assert rows[-1] == T * 3
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_global_avg_pool_equals_adaptive_avg_pool(layout, dtype):
+    """The students' pool: nn.AdaptiveAvgPool2d(1)'s output and input gradient bit for bit, the
+    gradient written in the input's layout (one pass; ATen's is NCHW, copied again by a
+    channels_last consumer). Without autograd, and on a 3-d input, it is the module itself."""
+    from fullrange.models.layers import GlobalAvgPool
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(6, 5, 7, 3, generator=g).to(dtype).contiguous(memory_format=layout)
+    grad = torch.randn(6, 5, 1, 1, generator=g).to(dtype)
+    outs, grads = [], []
+    for pool in (nn.AdaptiveAvgPool2d(1), GlobalAvgPool()):
+        xi = x.clone().requires_grad_() * 1  # a non-leaf input, as in a student
+        out = pool(xi)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out, xi, grad)[0])
+    assert "GlobalAvgPool" in outs[1].grad_fn.name()
+    assert torch.equal(outs[1], outs[0]) and torch.equal(grads[1], grads[0])
+    assert grads[1].is_contiguous(memory_format=layout)
+    with torch.no_grad():
+        assert torch.equal(GlobalAvgPool()(x), nn.AdaptiveAvgPool2d(1)(x))
+    assert torch.equal(GlobalAvgPool()(x[0]), nn.AdaptiveAvgPool2d(1)(x[0]))
+    assert GlobalAvgPool().state_dict() == {}

@@ -6,7 +6,9 @@ the CPU, mkldnn's backward-data for this case was measured 3.7-6x slower than th
 student's downsample shapes (2 threads: [512, 16, 28, 28] 6.1 -> 1.0 ms, [512, 16, 14, 14]
 0.61 -> 0.19 ms; ResNet-19's [96, 128, 32, 32]: 17.9 -> 17.6 ms) with identical values: each
 input-gradient element is one dot product either way. Every other convolution, and every
-device but the CPU, runs aten.convolution_backward.
+device but the CPU, runs aten.convolution_backward. add_conv_input_grad adds a conv's input
+gradient into one that already holds another's (two convs reading one input): a strided 1x1
+conv adds onto its grid alone, without an input-sized zeroed tensor and a sum.
 """
 from __future__ import annotations
 
@@ -39,3 +41,15 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, shape: Sequenc
     stand_in = torch.empty_strided(shape, strides, dtype=grad_out.dtype, device=grad_out.device)
     return torch.ops.aten.convolution_backward(grad_out, stand_in, weight, None, list(stride), list(padding),
                                                list(dilation), False, [0, 0], groups, [True, False, False])[0]
+
+
+def add_conv_input_grad(grad_x: torch.Tensor, grad_out: torch.Tensor, weight: torch.Tensor, stride: Sequence[int],
+                        padding: Sequence[int], dilation: Sequence[int], groups: int) -> torch.Tensor:
+    """grad_x += dL/dx of conv2d(x, weight) from dL/dy (conv_input_grad's values, added in
+    grad_x's dtype); in place, returns grad_x [N, Cin, H, W]. A pointwise strided conv on the
+    CPU adds onto the stride's grid only: the same sums as adding its full zero-padded gradient."""
+    if grad_out.device.type == "cpu" and pointwise_strided(weight, stride, padding, groups):
+        grad_x[:, :, ::stride[0], ::stride[1]].add_(F.conv2d(grad_out, weight.transpose(0, 1)))
+        return grad_x
+    return grad_x.add_(conv_input_grad(grad_out, weight, grad_x.shape, grad_x.stride(), stride, padding, dilation,
+                                       groups))

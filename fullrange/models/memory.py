@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from fullrange.models.conv_grad import conv_input_grad, pointwise_strided
+from fullrange.models.conv_grad import add_conv_input_grad, conv_input_grad, pointwise_strided
 
 MEMORY_MODES = ("default", "spikes_1bit", "checkpoint")
 _BITS = 8
@@ -110,44 +110,65 @@ def _as_autocast(x, weight, bias):
     return cast, x.to(cast), weight.to(cast), None if bias is None else bias.to(cast)
 
 
-class _SpikeInputConv(torch.autograd.Function):
-    """conv2d(x, w, b) on a spike input x that saves x bit-packed (pack) or as it is (as
-    autograd would: in the autocast dtype). backward: aten.convolution_backward for the weight
-    and bias gradients from x, which is then freed when it was unpacked, and the input gradient
-    from conv_grad.conv_input_grad, which needs only x's shape and layout: x and its gradient
-    are never in memory together in spikes_1bit, and a strided 1x1 conv (a downsample) takes
-    the CPU's pointwise path in every mode."""
+class _SpikeInputConvs(torch.autograd.Function):
+    """conv2d(x, w_i, b_i) for each of the convs that read one spike input x (a block's first
+    conv and its downsample), saving x once: bit-packed (pack) or as it is (as autograd would:
+    in the autocast dtype). backward: each conv's weight and bias gradients by
+    aten.convolution_backward from x, which is then freed when it was unpacked; then x's
+    gradient, which needs only x's shape and layout: the first conv's (conv_grad.conv_input_grad)
+    with the others' added into it in place (conv_grad.add_conv_input_grad: a strided 1x1 conv
+    adds onto its stride's grid alone) where autograd would build one input-sized gradient per
+    conv and sum them. x and its gradient are never in memory together in spikes_1bit.
+    params: each conv's weight and bias (None without one), in the order of convs."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, conv: nn.Conv2d, pack: bool):
-        cast, xc, wc, bc = _as_autocast(x, weight, bias)
+    def forward(ctx, x, convs: Sequence[nn.Conv2d], pack: bool, *params):
+        cast = _autocast_dtype(x.device.type)
+        xc = x if cast is None else x.to(cast)
+        outs = []
         with torch.autocast(x.device.type, enabled=False):
-            out = F.conv2d(xc, wc, bc, conv.stride, conv.padding, conv.dilation, conv.groups)
+            for conv, w, b in zip(convs, params[0::2], params[1::2]):
+                wc, bc = (w, b) if cast is None else (w.to(cast), None if b is None else b.to(cast))
+                outs.append(F.conv2d(xc, wc, bc, conv.stride, conv.padding, conv.dilation, conv.groups))
         saved, ctx.meta = _packed_once(x, xc.dtype) if pack else (xc, None)
-        ctx.save_for_backward(saved, weight)
-        ctx.args = (conv.stride, conv.padding, conv.dilation, conv.groups, cast, x.dtype, bias is not None)
-        return out
+        ctx.save_for_backward(saved, *params[0::2])
+        ctx.convs, ctx.cast, ctx.x_dtype = convs, cast, x.dtype
+        ctx.has_bias = [b is not None for b in params[1::2]]
+        return tuple(outs)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_out):
-        saved, weight = ctx.saved_tensors
-        stride, padding, dilation, groups, cast, x_dtype, has_bias = ctx.args
-        w = weight if cast is None else weight.to(cast)
-        needs = ctx.needs_input_grad
+    def backward(ctx, *grad_outs):
+        saved, *weights = ctx.saved_tensors
+        cast, needs = ctx.cast, ctx.needs_input_grad
+        weights_c = [w if cast is None else w.to(cast) for w in weights]
         x = saved if ctx.meta is None else unpack_spikes(saved, ctx.meta)
-        gw, gb = None, None
-        if needs[1] or (has_bias and needs[2]):
-            _, gw, gb = torch.ops.aten.convolution_backward(
-                grad_out, x, w, [w.shape[0]] if has_bias else None, list(stride), list(padding), list(dilation),
-                False, [0, 0], groups, [False, needs[1], has_bias and needs[2]])
+        param_grads = []
+        for i, (conv, w, wc, g, has_bias) in enumerate(zip(ctx.convs, weights, weights_c, grad_outs, ctx.has_bias)):
+            need_w, need_b = needs[3 + 2 * i], has_bias and needs[4 + 2 * i]
+            gw, gb = None, None
+            if need_w or need_b:
+                _, gw, gb = torch.ops.aten.convolution_backward(
+                    g, x, wc, [w.shape[0]] if has_bias else None, list(conv.stride), list(conv.padding),
+                    list(conv.dilation), False, [0, 0], conv.groups, [False, need_w, need_b])
+            param_grads += [None if gw is None else gw.to(w.dtype), None if gb is None else gb.to(w.dtype)]
         shape, strides = x.shape, x.stride()
         del x
-        gx = None if not needs[0] else \
-            conv_input_grad(grad_out, w, shape, strides, stride, padding, dilation, groups).to(x_dtype)
-        gw = None if gw is None else gw.to(weight.dtype)
-        gb = None if gb is None else gb.to(weight.dtype)
-        return gx, gw, gb, None, None
+        gx = None
+        if needs[0]:  # a dense conv first: the pointwise strided ones then add onto its gradient's grid
+            order = sorted(range(len(ctx.convs)), key=lambda i: _pointwise(ctx.convs[i]))
+            first = ctx.convs[order[0]]
+            gx = conv_input_grad(grad_outs[order[0]], weights_c[order[0]], shape, strides, first.stride,
+                                 first.padding, first.dilation, first.groups).to(ctx.x_dtype)
+            for i in order[1:]:
+                conv = ctx.convs[i]
+                add_conv_input_grad(gx, grad_outs[i], weights_c[i], conv.stride, conv.padding, conv.dilation,
+                                    conv.groups)
+        return (gx, None, None, *param_grads)
+
+
+def _pointwise(conv: nn.Conv2d) -> bool:
+    return pointwise_strided(conv.weight, conv.stride, conv.padding, conv.groups)
 
 
 class _PackedInputLinear(torch.autograd.Function):
@@ -172,7 +193,7 @@ class _PackedInputLinear(torch.autograd.Function):
         w = weight if cast is None else weight.to(cast)
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         gw = g2.t().mm(x.reshape(-1, x.shape[-1])).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        del x  # freed before the input gradient is built, as in _SpikeInputConv
+        del x  # freed before the input gradient is built, as in _SpikeInputConvs
         gb = g2.sum(0).to(weight.dtype) if has_bias and ctx.needs_input_grad[2] else None
         gx = grad_out.matmul(w).to(x_dtype) if ctx.needs_input_grad[0] else None
         return gx, gw, gb
@@ -187,20 +208,36 @@ class SpikeConv2d(nn.Conv2d):
     """nn.Conv2d whose input is a spike tensor (0/1). With `pack_input` (set by set_memory) and
     autograd recording it saves that input bit-packed. A strided 1x1 conv (a downsample) on the
     CPU, in eager mode, runs its backward through conv_grad's pointwise path in every mode.
-    Otherwise it is nn.Conv2d. Same parameters and state_dict keys as nn.Conv2d.
-    x[N, Cin, H, W] -> [N, Cout, H', W']."""
+    Otherwise it is nn.Conv2d. Same parameters and state_dict keys as nn.Conv2d. Convs that read
+    the same input run together through spike_convs. x[N, Cin, H, W] -> [N, Cout, H', W']."""
 
     pack_input = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros" or not _recording(self, x):
+        if not _own_backward((self,), x):
             return super().forward(x)
-        if self.pack_input:
-            return _SpikeInputConv.apply(x, self.weight, self.bias, self, True)
-        if x.device.type == "cpu" and not torch.compiler.is_compiling() and \
-                pointwise_strided(self.weight, self.stride, self.padding, self.groups):
-            return _SpikeInputConv.apply(x, self.weight, self.bias, self, False)
-        return super().forward(x)
+        return _SpikeInputConvs.apply(x, (self,), self.pack_input, self.weight, self.bias)[0]
+
+
+def spike_convs(x: torch.Tensor, convs: Sequence[SpikeConv2d]) -> tuple:
+    """(conv(x) for conv in convs): SpikeConv2d layers reading one spike tensor x [N, Cin, H, W]
+    (a block's first conv and its downsample). Where their own backward runs (_own_backward),
+    they run as one autograd node that saves x once and builds x's gradient in one tensor."""
+    if not _own_backward(convs, x):
+        return tuple(conv(x) for conv in convs)
+    params = [t for conv in convs for t in (conv.weight, conv.bias)]
+    return _SpikeInputConvs.apply(x, tuple(convs), convs[0].pack_input, *params)
+
+
+def _own_backward(convs: Sequence[SpikeConv2d], x: torch.Tensor) -> bool:
+    """Whether convs run through _SpikeInputConvs: autograd records them, their padding is zeros,
+    and they pack their input (spikes_1bit) or, in CPU eager mode, one is a strided 1x1 conv."""
+    if any(c.padding_mode != "zeros" for c in convs) or not any(_recording(c, x) for c in convs):
+        return False
+    if len({c.pack_input for c in convs}) > 1:
+        raise ValueError("spike_convs: the convs of one input must all pack it (model.memory) or none")
+    return convs[0].pack_input or (x.device.type == "cpu" and not torch.compiler.is_compiling()
+                                   and any(_pointwise(c) for c in convs))
 
 
 class SpikeLinear(nn.Linear):

@@ -21,8 +21,8 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import (MergedLIF, NeuronUnits, batch_norm_over_time, conv3x3, downsample, encode_direct,
-                                     kaiming_init, repeat_time, stem_runs_once)
+from fullrange.models.layers import (GlobalAvgPool, MergedLIF, NeuronUnits, batch_norm_over_time, conv3x3, downsample,
+                                     encode_direct, kaiming_init, repeat_time, stem_runs_once)
 from fullrange.models.memory import MemoryModes
 
 IMAGENET_NEURON = {"decay": 0.2, "reset": "soft"}
@@ -72,7 +72,7 @@ class SpikingPreActResNet(MemoryModes):
                 blocks.append(SpikingPreActBlock(in_planes, w, stride, neuron))
                 in_planes = w
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         self.fc = nn.Linear(in_planes, num_classes)
         kaiming_init(self)
 

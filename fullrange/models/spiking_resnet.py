@@ -20,8 +20,9 @@ from typing import Optional, Sequence
 import torch
 from torch import nn
 
-from fullrange.models.layers import MergedLIF, NeuronUnits, conv3x3, downsample, encode_direct, stem_runs_once
-from fullrange.models.memory import SpikeLinear
+from fullrange.models.layers import (GlobalAvgPool, MergedLIF, NeuronUnits, conv3x3, downsample, encode_direct,
+                                     stem_runs_once)
+from fullrange.models.memory import SpikeLinear, spike_convs
 
 
 class SpikingBasicBlock(NeuronUnits):
@@ -38,12 +39,13 @@ class SpikingBasicBlock(NeuronUnits):
         self.lif2 = MergedLIF(**neuron)
 
     def forward(self, x: torch.Tensor, T: int) -> torch.Tensor:
-        out = self.neuron_unit(self.bn1, self.lif1, self.conv1(x), T)
-        c2 = self.conv2(out)
         if self.downsample is None:  # identity shortcut: x is a spike tensor
-            return self.neuron_unit(self.bn2, self.lif2, c2, T, x)
+            out = self.neuron_unit(self.bn1, self.lif1, self.conv1(x), T)
+            return self.neuron_unit(self.bn2, self.lif2, self.conv2(out), T, x)
         conv_d, bn_d = self.downsample
-        return self.neuron_unit(self.bn2, self.lif2, c2, T, conv_d(x), bn_d)
+        c1, c_d = spike_convs(x, (self.conv1, conv_d))  # x's gradient built in one tensor
+        out = self.neuron_unit(self.bn1, self.lif1, c1, T)
+        return self.neuron_unit(self.bn2, self.lif2, self.conv2(out), T, c_d, bn_d)
 
 
 class SpikingResNet(NeuronUnits):
@@ -85,7 +87,7 @@ class SpikingResNet(NeuronUnits):
                 blocks.append(SpikingBasicBlock(in_planes, w, s if j == 0 else 1, neuron))
                 in_planes = w
             self.add_module(f"layer{i + 1}", nn.Sequential(*blocks))
-        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.avgpool = GlobalAvgPool()
         if hidden:
             self.head_fc = nn.Linear(in_planes, hidden)
             self.head_lif = MergedLIF(**neuron)
