@@ -221,9 +221,12 @@ class SpikeConv2d(nn.Conv2d):
 
 def spike_convs(x: torch.Tensor, convs: Sequence[SpikeConv2d]) -> tuple:
     """(conv(x) for conv in convs): SpikeConv2d layers reading one spike tensor x [N, Cin, H, W]
-    (a block's first conv and its downsample). Where their own backward runs (_own_backward),
-    they run as one autograd node that saves x once and builds x's gradient in one tensor."""
-    if not _own_backward(convs, x):
+    (a block's first conv and its downsample). Where one of them is a strided 1x1 conv that takes
+    the CPU's pointwise path, they run as one autograd node that saves x once and builds x's
+    gradient in one tensor, the 1x1 conv's added onto its grid (instead of an x-sized zeroed
+    gradient, held from the downsample's backward to the first conv's, and a sum). Otherwise
+    each runs on its own (whose node frees its output gradient sooner)."""
+    if not (_own_backward(convs, x) and _cpu_eager(x) and any(_pointwise(c) for c in convs)):
         return tuple(conv(x) for conv in convs)
     params = [t for conv in convs for t in (conv.weight, conv.bias)]
     return _SpikeInputConvs.apply(x, tuple(convs), convs[0].pack_input, *params)
@@ -236,8 +239,11 @@ def _own_backward(convs: Sequence[SpikeConv2d], x: torch.Tensor) -> bool:
         return False
     if len({c.pack_input for c in convs}) > 1:
         raise ValueError("spike_convs: the convs of one input must all pack it (model.memory) or none")
-    return convs[0].pack_input or (x.device.type == "cpu" and not torch.compiler.is_compiling()
-                                   and any(_pointwise(c) for c in convs))
+    return convs[0].pack_input or (_cpu_eager(x) and any(_pointwise(c) for c in convs))
+
+
+def _cpu_eager(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 class SpikeLinear(nn.Linear):
