@@ -195,6 +195,37 @@ def test_resnet19_matches_the_official_layout_bit_for_bit():
                 assert torch.equal(got, want), (training, (got - want).abs().max())
 
 
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("stem_once", [False, True])
+def test_resnet19_gradients_match_the_official_layout(backend, stem_once):
+    """One training step's gradients against autograd through the reference (float64, channels_last,
+    the CPU LIF kernel or the torch backend): the student's own backward paths (the strided
+    blocks' first conv and downsample as one node, the pool, the stem LIF on a constant input)
+    give the weights the reference's gradients, mapped back through the official key layout."""
+    T, num_classes = 2, 10
+    official = official_resnet19(num_classes, seed=3, dtype=torch.float64)
+    neuron = {**CIFAR_NEURON, "backend": backend}
+    model = build_model("spiking_resnet19_cifar", num_classes, 3, neuron).double()
+    model.load_state_dict(convert_official(official, "spiking_resnet19_cifar", model))
+    model = model.to(memory_format=torch.channels_last).train()
+    model.stem_once = stem_once
+    g = torch.Generator().manual_seed(4)
+    img = (torch.randn(2, 3, 16, 16, generator=g, dtype=torch.float64) * 2).contiguous(memory_format=torch.channels_last)
+    weights = torch.randn(T, 2, num_classes, generator=g, dtype=torch.float64)
+    (model(img, T) * weights).sum().backward()
+    ref = Reference(official, T, neuron, training=True)
+    params = [k for k in ref.s if k.endswith((".weight", ".bias"))]
+    for k in params:
+        ref.s[k].requires_grad_()
+    (ref.resnet19(img.contiguous()) * weights).sum().backward()
+    want = convert_official({k: ref.s[k].grad if k in params else v for k, v in ref.s.items()},
+                            "spiking_resnet19_cifar", model)
+    grads = dict(model.named_parameters())
+    assert grads["layer2.0.downsample.0.weight"].grad.abs().max() > 1e-3  # gradient reaches the strided blocks
+    for key, p in grads.items():
+        torch.testing.assert_close(p.grad, want[key], rtol=1e-9, atol=1e-11, msg=key)
+
+
 def test_converter_rejects_other_layouts(tmp_path):
     model = build_model("spiking_resnet19_cifar", 10, 3, CIFAR_NEURON)
     official = official_resnet19(10, seed=0, dtype=torch.float32)
