@@ -283,17 +283,18 @@ def test_stem_once_equals_the_stem_on_every_copy(name, T, momentum, backend):
     assert rows[-1] == T * 3
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_global_avg_pool_equals_adaptive_avg_pool(layout, dtype):
+def test_global_avg_pool_equals_adaptive_avg_pool(layout, dtype, device):
     """The students' pool: nn.AdaptiveAvgPool2d(1)'s output and input gradient bit for bit, the
     gradient written in the input's layout (one pass; ATen's is NCHW, copied again by a
     channels_last consumer). Without autograd, and on a 3-d input, it is the module itself."""
     from fullrange.models.layers import GlobalAvgPool
 
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(6, 5, 7, 3, generator=g).to(dtype).contiguous(memory_format=layout)
-    grad = torch.randn(6, 5, 1, 1, generator=g).to(dtype)
+    x = torch.randn(6, 5, 7, 3, generator=g).to(device, dtype).contiguous(memory_format=layout)
+    grad = torch.randn(6, 5, 1, 1, generator=g).to(device, dtype)
     outs, grads = [], []
     for pool in (nn.AdaptiveAvgPool2d(1), GlobalAvgPool()):
         xi = x.clone().requires_grad_() * 1  # a non-leaf input, as in a student
