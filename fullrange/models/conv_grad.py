@@ -36,7 +36,7 @@ def conv_input_grad(grad_out: torch.Tensor, weight: torch.Tensor, shape: Sequenc
     with 1-3 input-sized scratch buffers)."""
     if grad_out.device.type == "cpu" and pointwise_strided(weight, stride, padding, groups):
         grad_x = torch.empty_strided(shape, strides, dtype=grad_out.dtype, device=grad_out.device).zero_()
-        grad_x[:, :, ::stride[0], ::stride[1]] = F.conv2d(grad_out, weight.transpose(0, 1))
+        grad_x[:, :, ::stride[0], ::stride[1]] = _on_grid(grad_out, weight)
         return grad_x
     stand_in = torch.empty_strided(shape, strides, dtype=grad_out.dtype, device=grad_out.device)
     return torch.ops.aten.convolution_backward(grad_out, stand_in, weight, None, list(stride), list(padding),
@@ -49,7 +49,13 @@ def add_conv_input_grad(grad_x: torch.Tensor, grad_out: torch.Tensor, weight: to
     grad_x's dtype); in place, returns grad_x [N, Cin, H, W]. A pointwise strided conv on the
     CPU adds onto the stride's grid only: the same sums as adding its full zero-padded gradient."""
     if grad_out.device.type == "cpu" and pointwise_strided(weight, stride, padding, groups):
-        grad_x[:, :, ::stride[0], ::stride[1]].add_(F.conv2d(grad_out, weight.transpose(0, 1)))
+        grad_x[:, :, ::stride[0], ::stride[1]].add_(_on_grid(grad_out, weight))
         return grad_x
     return grad_x.add_(conv_input_grad(grad_out, weight, grad_x.shape, grad_x.stride(), stride, padding, dilation,
                                        groups))
+
+
+def _on_grid(grad_out: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """A pointwise conv's input gradient at the stride's grid points: dL/dy [N, Cout, H', W']
+    mapped by weight^T -> [N, Cin, H', W']."""
+    return F.conv2d(grad_out, weight.transpose(0, 1))

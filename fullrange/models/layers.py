@@ -334,7 +334,7 @@ class _GlobalAvgPool(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         """dL/dx = dL/dy / (H*W) at every pixel (mean's backward, the same values)."""
-        n, c, h, w = ctx.shape
+        h, w = ctx.shape[2:]
         layout = torch.channels_last if ctx.nhwc else torch.contiguous_format
         grad_x = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
         return grad_x.copy_((grad / (h * w)).expand(ctx.shape))

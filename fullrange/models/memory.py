@@ -226,7 +226,7 @@ def spike_convs(x: torch.Tensor, convs: Sequence[SpikeConv2d]) -> tuple:
     gradient in one tensor, the 1x1 conv's added onto its grid (instead of an x-sized zeroed
     gradient, held from the downsample's backward to the first conv's, and a sum). Otherwise
     each runs on its own (whose node frees its output gradient sooner)."""
-    if not (_own_backward(convs, x) and _cpu_eager(x) and any(_pointwise(c) for c in convs)):
+    if not (_own_backward(convs, x) and _pointwise_on_cpu(convs, x)):
         return tuple(conv(x) for conv in convs)
     params = [t for conv in convs for t in (conv.weight, conv.bias)]
     return _SpikeInputConvs.apply(x, tuple(convs), convs[0].pack_input, *params)
@@ -239,11 +239,12 @@ def _own_backward(convs: Sequence[SpikeConv2d], x: torch.Tensor) -> bool:
         return False
     if len({c.pack_input for c in convs}) > 1:
         raise ValueError("spike_convs: the convs of one input must all pack it (model.memory) or none")
-    return convs[0].pack_input or (_cpu_eager(x) and any(_pointwise(c) for c in convs))
+    return convs[0].pack_input or _pointwise_on_cpu(convs, x)
 
 
-def _cpu_eager(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and not torch.compiler.is_compiling()
+def _pointwise_on_cpu(convs: Sequence[SpikeConv2d], x: torch.Tensor) -> bool:
+    """One of convs is a strided 1x1 conv whose backward takes conv_grad's CPU path (eager mode)."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and any(_pointwise(c) for c in convs)
 
 
 class SpikeLinear(nn.Linear):
