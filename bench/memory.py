@@ -15,7 +15,8 @@ GPU check). Two measures, per image:
 fullrange runs in each memory mode (model.memory: default, spikes_1bit, checkpoint) and in
 spikes_1bit with its first two blocks recomputed ("spikes_1bit+2": model.recompute_blocks=2), and
 in the default mode with model.stem_once false ("stem_per_step": the stem on the T copies of the
-image, fullrange's default until 2026-12-06). Last line:
+image, fullrange's default until 2026-12-06) and with model.fuse_bn_lif false ("unfused":
+BatchNorm and LIF modules, which keep BatchNorm's output or the LIF's input). Last line:
 `activation_peak_ratio_vs_spikingjelly_memopt=X`, SpikingJelly memopt's peak over the peak of
 fullrange's leanest mode, the worse (smaller) of the cases: at least 1 means fullrange needs no
 more.
@@ -37,25 +38,29 @@ sys.path.insert(0, str(HERE))
 from memory_probe import peak_above, saved_bytes  # noqa: E402
 from step import CASES, make_steps  # noqa: E402
 
+from fullrange.models.memory import set_fusion  # noqa: E402
+
 # glibc: serve every allocation above 64 KiB by mmap and unmap it when freed (a fixed threshold
 # also stops glibc from raising it), so the CPU's resident set follows the live tensors.
 MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 IMPLS = ("fullrange", "fullrange spikes_1bit", "fullrange spikes_1bit+2", "fullrange checkpoint",
-         "fullrange stem_per_step", "spikingjelly", "spikingjelly memopt")
+         "fullrange stem_per_step", "fullrange unfused", "spikingjelly", "spikingjelly memopt")
+VARIANTS = ("fullrange stem_per_step", "fullrange unfused")  # default memory mode, one setting changed
 
 
 def measure(case_name: str, impl: str) -> dict:
     """One (case, implementation) in this process: saved bytes and peak per image."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     case = CASES[case_name]
-    per_step = impl == "fullrange stem_per_step"  # model.stem_once: false, in the default memory mode
-    mode = impl.split()[1] if impl.startswith("fullrange ") and not per_step else "default"
+    mode = impl.split()[1] if impl.startswith("fullrange ") and impl not in VARIANTS else "default"
     steps = make_steps(case, device, compile_sj=False, memory_modes=(mode,))
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
     if impl.startswith("fullrange"):
-        step = steps["fullrange" if per_step else impl]
-        if per_step:
-            step.model.stem_once = False
+        step = steps["fullrange" if impl in VARIANTS else impl]
+        if impl == "fullrange stem_per_step":
+            step.model.stem_once = False  # model.stem_once: false
+        if impl == "fullrange unfused":
+            set_fusion(step.model, False)  # model.fuse_bn_lif: false
         forward = step.forward
     else:
         step, forward = steps["spikingjelly"], steps["spikingjelly"].forward

@@ -15,8 +15,8 @@ demo student (T=4, batch 128, 28 px), ResNet-19 (T=6, batch 16, 32 px), preact R
 (model.memory: spikes_1bit, spikes_1bit with model.recompute_blocks=2 ("spikes_1bit+2"),
 checkpoint), with model.stem_once false ("stem_per_step": the stem convolution and BatchNorm on
 the T copies of the image), with model.compile (on CUDA, or with
---compile-ours), on CUDA with model.fuse_bn_lif false ("unfused": BatchNorm and LIF modules
-instead of the fused Triton kernel), and with those modules and neuron.backend torch
+--compile-ours), with model.fuse_bn_lif false ("unfused": BatchNorm and LIF modules instead of
+the fused unit, Triton on CUDA, numba on the CPU), and with those modules and neuron.backend torch
 ("unfused+lif=torch": the plain torch path the LIF kernels replace), each on its own copy of the
 weights.
 Each case runs in a fresh process (earlier cases' memory slowed later ones). Prints per case:
@@ -117,8 +117,8 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
         per_step.stem_once = False  # model.stem_once: false (the stem on the T copies of the image)
         steps["fullrange stem_per_step"] = _fullrange_step(per_step, x_ours, y, z_a, T)
         unfused = set_fusion(copy.deepcopy(ours), False)  # model.fuse_bn_lif: false
-        if device.type == "cuda":  # the fused Triton BN + LIF (the CPU runs the modules anyway)
-            steps["fullrange unfused"] = _fullrange_step(unfused, x_ours, y, z_a, T)
+        steps["fullrange unfused"] = _fullrange_step(unfused, x_ours, y, z_a, T)
+        unfused = copy.deepcopy(unfused)
         for m in unfused.modules():
             if isinstance(m, LIF):
                 m.backend = "torch"  # neuron.backend: torch

@@ -48,7 +48,7 @@ class ModelConfig:
     sync_bn: bool = False                            # SyncBatchNorm across processes (multi-process CUDA; plain BatchNorm on CPU)
     memory: str = rule("default", choices=MEMORY_MODES)  # students: what the backward keeps (fullrange.models.memory)
     recompute_blocks: int = rule(0, ge=0)            # spikes_1bit: the first N residual blocks recomputed as in checkpoint
-    fuse_bn_lif: bool = True                         # CUDA: BN (+ residual) + LIF as one Triton kernel (models.layers.bn_lif)
+    fuse_bn_lif: bool = True                         # BN (+ residual) + LIF as one op: Triton on CUDA (layers.bn_lif), numba on CPU (models.unit_cpu)
     stem_once: bool = True                           # students: stem once per image, not T times (layers.stem_runs_once)
     compile: bool = False                            # torch.compile of the forward (nn.Module.compile: same keys)
 

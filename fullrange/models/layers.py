@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from fullrange.models import unit_cpu
 from fullrange.models.memory import MemoryModes, NeuronUnitCPU, SpikeConv2d, is_nhwc, recomputed
 from fullrange.neuron import LIF, resolve_backend
 
@@ -68,8 +69,8 @@ def _fused_bn_lif(bn: nn.Module, lif: LIF, c: torch.Tensor, residual: Optional[t
     affine nn.BatchNorm2d on a CUDA channels_last c [T*B, C, H, W] (residual alike; any
     autocast dtype), eager mode, a LIF whose backend resolves to Triton
     (neuron.resolve_backend), once the kernel's first-use check on the device has passed.
-    On the CPU the modules run: a fused numba kernel was measured no faster end to end than
-    ATen's BatchNorm + the LIF kernel (BENCHMARKS.md) and was removed."""
+    (On the CPU, NeuronUnits.neuron_unit runs models.unit_cpu, which also fuses a downsample's
+    BatchNorm, before it gets here.)"""
     if not (type(bn) is nn.BatchNorm2d and bn.training and bn.affine and lif.backend != "torch" and c.is_cuda
             and c.dim() == 4 and c.is_contiguous(memory_format=torch.channels_last)
             and not torch.compiler.is_compiling()):
@@ -155,11 +156,20 @@ class NeuronUnits(MemoryModes):
                     residual: Optional[torch.Tensor] = None, residual_bn: Optional[nn.Module] = None) -> torch.Tensor:
         """spikes = lif(bn(c) + r, T) (layers.bn_lif), r = residual_bn(residual) where the block
         has a downsample shortcut, residual (a spike tensor) where it has an identity one, or
-        nothing. c, residual [T*B, C, H, W]. In spikes_1bit it keeps only c and residual (a
-        spike residual as bits) and recomputes BatchNorm, the add and the LIF in the backward:
-        on the CPU with the lean NeuronUnitCPU, elsewhere with `recomputed` (in checkpoint mode
-        the whole block is recomputed; a second, nested recompute raised the demo's peak)."""
+        nothing. c, residual [T*B, C, H, W].
+
+        With model.fuse_bn_lif, on the CPU in channels_last float32/float64 (unit_cpu.serves),
+        one fused op (unit_cpu.FusedUnitCPU) runs the unit in every memory mode and keeps only
+        c and residual (a spike residual as bits in spikes_1bit): nothing of BatchNorm's output
+        or the LIF's input is kept or written. Otherwise, in spikes_1bit, it keeps the same and
+        recomputes BatchNorm, the add and the LIF in the backward: on the CPU with the lean
+        NeuronUnitCPU (NCHW, autocast), elsewhere with `recomputed` (in checkpoint mode the whole
+        block is recomputed; a second, nested recompute raised the demo's peak)."""
         fuse = self.fuse_bn_lif
+        if fuse and unit_cpu.serves(c, bn, lif, residual, residual_bn):  # any memory mode: it keeps only c, r
+            params = [p for m in (bn, residual_bn) if m is not None for p in (m.weight, m.bias)]
+            return unit_cpu.FusedUnitCPU.apply(c, residual, bn, residual_bn, lif, T, self.memory == "spikes_1bit",
+                                               *params)
         if self.memory != "spikes_1bit":
             return bn_lif(bn, lif, c, T, residual if residual_bn is None else residual_bn(residual), fuse)
         bns = (bn,) if residual_bn is None else (bn, residual_bn)
