@@ -24,7 +24,8 @@ for bit. The batch statistics come from ATen (fullrange.models.unit_cpu).
                   per thread). T = 4 runs as one loop in registers; other T through
                   cache-resident buffers (lif_cpu's blocked path).
     unit_grad_bn  pass 2: g_c = (g_z - sum / N - (c - mean) k) * invstd * w, k = sum(g_z (c -
-                  mean)) invstd^2 / N (ATen's formula), and g_d alike (set_grad_bn fills k etc.).
+                  mean)) invstd^2 / N (ATen's formula), and g_d alike (set_grad_bn fills k etc.);
+                  g_c over g_z where no spike residual needs g_z.
 Memory traffic per element-step, in tensor-sized words: forward 3 (2 without a residual) plus
 ATen's two statistics reads per BatchNorm, backward 7 (mode with bn_d: 9); the modules move 9
 (13) forward and 8 (13) backward, and keep bn's output or the LIF's input for the backward.
@@ -52,7 +53,7 @@ _A, _B, _AE, _BE, _M, _ME, _K, _G, _W, _KE, _GE, _WE = range(12)
 (_Q_C, _Q_E, _Q_GS, _Q_OUT, _Q_OUT_E, _Q_CONSTS, _Q_T, _Q_N, _Q_L, _Q_CLAIM, _Q_NEXT, _Q_SLOT, _Q_SCRATCH,
  _Q_SLOT_BYTES, _Q_FLOATS, _Q_SOFT, _Q_BOTH, _Q_SUMS, _Q_KIND, _Q_DM_OFFSET, _Q_G_OFFSET) = range(21)
 _Q_LEN = 21
-_FWD, _GRAD_Z, _GRAD_BN = 0, 1, 2
+_FWD, _GRAD_Z, _GRAD_BN, _GRAD_BN_IN_PLACE = 0, 1, 2, 3
 
 if numba is not None:
     from numba import carray, cfunc, types as _nb_types
@@ -253,6 +254,24 @@ if numba is not None:
                         oe[j] = (gt[j] - GE[j] - (et[j] - ME[j]) * KE[j]) * WE[j]
 
     @_jit(**_OPTS)
+    def _grad_bn_in_place(c, e, gz, ge, K, start, stop, L, both):
+        """_grad_bn_columns writing g_c over g_z (g_e first, from g_z): no tensor-sized output
+        allocated and written besides g_e. Each loop writes one array that it may also read, so
+        it vectorises (two arguments aliasing one buffer would make LLVM run the scalar loop)."""
+        M, Kc, G, W = K[_M], K[_K], K[_G], K[_W]
+        ME, KE, GE, WE = K[_ME], K[_KE], K[_GE], K[_WE]
+        for base in range(start, stop, L):
+            m = min(L, stop - base)
+            for t in range(gz.shape[0]):
+                gt, ct = gz[t, base:base + m], c[t, base:base + m]
+                if both:
+                    et, oe = e[t, base:base + m], ge[t, base:base + m]
+                    for j in range(m):
+                        oe[j] = (gt[j] - GE[j] - (et[j] - ME[j]) * KE[j]) * WE[j]
+                for j in range(m):
+                    gt[j] = (gt[j] - G[j] - (ct[j] - M[j]) * Kc[j]) * W[j]
+
+    @_jit(**_OPTS)
     def _task(data, witness):
         """One thread's share of a pass: claim column ranges (multiples of L) until none is left."""
         p = carray(_slot(data, 0), _Q_LEN)
@@ -285,8 +304,10 @@ if numba is not None:
             elif kind == _GRAD_Z:
                 _grad_z_columns(c, e, gs, out, K, lo, hi, z, dm, g, sums, both, decay, threshold, alpha, soft, k1,
                                 k2, m_spike)
-            else:
+            elif kind == _GRAD_BN:
                 _grad_bn_columns(c, e, gs, out, out_e, K, lo, hi, L, both)
+            else:
+                _grad_bn_in_place(c, e, gs, out_e, K, lo, hi, L, both)
 
     def _task_f32(data):
         _task(data, np.float32(0.0))
@@ -413,12 +434,17 @@ def unit_grad_z(grad_spikes: Tensor, c: Tensor, T: int, consts: np.ndarray, deca
     return gz, sums
 
 
-def unit_grad_bn(gz: Tensor, c: Tensor, T: int, consts: np.ndarray, d: Tensor | None = None
-                 ) -> tuple[Tensor, Tensor | None]:
+def unit_grad_bn(gz: Tensor, c: Tensor, T: int, consts: np.ndarray, d: Tensor | None = None,
+                 in_place: bool = False) -> tuple[Tensor, Tensor | None]:
     """Pass 2: (g_c, g_d or None) from g_z: BatchNorm's input gradient, and the downsample
-    BatchNorm's for its input d (consts: set_grad_bn for each)."""
-    gc = torch.empty_like(c, memory_format=torch.channels_last)
+    BatchNorm's for its input d (consts: set_grad_bn for each). in_place: g_c is written over g_z
+    (when nothing else needs g_z: no spike residual), one tensor-sized buffer less."""
     gd = None if d is None else torch.empty_like(d, memory_format=torch.channels_last)
+    if in_place:
+        _launch(_GRAD_BN_IN_PLACE, T, consts, _view(c, T), _view(d, T), gs=_view(gz, T), out_e=_view(gd, T),
+                both=d is not None)
+        return gz, gd
+    gc = torch.empty_like(c, memory_format=torch.channels_last)
     _launch(_GRAD_BN, T, consts, _view(c, T), _view(d, T), gs=_view(gz, T), out=_view(gc, T), out_e=_view(gd, T),
             both=d is not None)
     return gc, gd

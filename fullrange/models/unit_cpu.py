@@ -120,8 +120,10 @@ class FusedUnitCPU(torch.autograd.Function):
             if m is not None:
                 gw, gb = K.set_grad_bn(consts, is_residual, partial, n, invstd, m.weight)
                 grads += [gw.to(m.weight.dtype), gb.to(m.bias.dtype)]
-        gc, gd = K.unit_grad_bn(gz, c, T, consts, residual if residual_bn is not None else None)
+        spike_residual = residual is not None and residual_bn is None  # its gradient is g_z itself
+        gc, gd = K.unit_grad_bn(gz, c, T, consts, residual if residual_bn is not None else None,
+                                in_place=not spike_residual)
         needs = ctx.needs_input_grad
-        grad_res = gd if residual_bn is not None else (gz if residual is not None and needs[1] else None)
+        grad_res = gd if residual_bn is not None else (gz if spike_residual and needs[1] else None)
         return (gc if needs[0] else None, grad_res, None, None, None, None, None,
                 *[g if need else None for g, need in zip(grads, needs[7:])])
