@@ -51,8 +51,9 @@ PARALLEL_MIN_ELEMENTS = 1 << 16
 _A, _B, _AE, _BE, _M, _ME, _K, _G, _W, _KE, _GE, _WE = range(12)
 # slots of the int64 parameter block a task reads
 (_Q_C, _Q_E, _Q_GS, _Q_OUT, _Q_OUT_E, _Q_CONSTS, _Q_T, _Q_N, _Q_L, _Q_CLAIM, _Q_NEXT, _Q_SLOT, _Q_SCRATCH,
- _Q_SLOT_BYTES, _Q_FLOATS, _Q_SOFT, _Q_BOTH, _Q_SUMS, _Q_KIND, _Q_DM_OFFSET, _Q_G_OFFSET) = range(21)
-_Q_LEN = 21
+ _Q_SLOT_BYTES, _Q_FLOATS, _Q_SOFT, _Q_BOTH, _Q_SUMS, _Q_KIND, _Q_DM_OFFSET, _Q_G_OFFSET, _Q_GSB_OFFSET, _Q_HW,
+ _Q_CHANNELS, _Q_GS_COLS) = range(25)
+_Q_LEN = 25
 _FWD, _GRAD_Z, _GRAD_BN, _GRAD_BN_IN_PLACE = 0, 1, 2, 3
 
 if numba is not None:
@@ -175,16 +176,17 @@ if numba is not None:
                 _forward_range(z, s, 0, m, base, v, decay, threshold, soft, False)
 
     @_jit(fastmath={"contract"}, **_OPTS)
-    def _grad_z_fused4(c, e, gs, gz, K, base, m, decay, threshold, alpha, soft, k1, k2, m_spike):
+    def _grad_z_fused4(c, e, gs, gz, K, base, m, gs_base, decay, threshold, alpha, soft, k1, k2, m_spike):
         """T = 4, columns base..base+m in ONE loop, all in registers: z, h - threshold and the
         reverse-time gradient g_z (kernels.lif_cpu._backward_fused with z for its input; the
-        same charge expression, so the same spikes)."""
+        same charge expression, so the same spikes). g_s from gs's columns gs_base..gs_base+m."""
         A, B, AE, BE = K[_A], K[_B], K[_AE], K[_BE]
         zero = threshold - threshold
         one = threshold / threshold
         c0, c1, c2, c3 = c[0, base:base + m], c[1, base:base + m], c[2, base:base + m], c[3, base:base + m]
         e0, e1, e2, e3 = e[0, base:base + m], e[1, base:base + m], e[2, base:base + m], e[3, base:base + m]
-        a0, a1, a2, a3 = gs[0, base:base + m], gs[1, base:base + m], gs[2, base:base + m], gs[3, base:base + m]
+        lo, hi = gs_base, gs_base + m
+        a0, a1, a2, a3 = gs[0, lo:hi], gs[1, lo:hi], gs[2, lo:hi], gs[3, lo:hi]
         o0, o1, o2, o3 = gz[0, base:base + m], gz[1, base:base + m], gz[2, base:base + m], gz[3, base:base + m]
         for j in range(m):
             a, b, ae, be = A[j], B[j], AE[j], BE[j]
@@ -221,20 +223,37 @@ if numba is not None:
                     s2[j] += gt[j] * (et[j] - ME[j])
 
     @_jit(**_OPTS)
-    def _grad_z_columns(c, e, gs, gz, K, start, stop, z, dm, g, sums, both, decay, threshold,
+    def _spread_pool_grad(gp, hw, C, base, m, out):
+        """out[:, :m] = the gradient at columns base..base+m of a tensor whose every pixel of
+        image b has the gradient gp[:, b*C:(b+1)*C] (a global average pool's, [T, B*C]): pixel
+        by pixel, C values at a time (base and m are multiples of C)."""
+        q0 = base // C
+        for t in range(out.shape[0]):
+            src, dst = gp[t], out[t]
+            for q in range(m // C):
+                b = (q0 + q) // hw
+                dst[q * C:(q + 1) * C] = src[b * C:(b + 1) * C]
+
+    @_jit(**_OPTS)
+    def _grad_z_columns(c, e, gs, gz, K, start, stop, z, dm, gsb, g, sums, both, hw, C, decay, threshold,
                         alpha, soft, k1, k2, m_spike):
         """g_z [T, start:stop] from g_s, and the per-column sums (added to sums [3, L]). T = 4:
         one loop per tile; other T: z, then h - threshold into cache-resident buffers, then the
-        reverse pass (kernels.lif_cpu's blocked path)."""
+        reverse pass (kernels.lif_cpu's blocked path). hw > 0: gs is a pool's gradient [T, B*C]
+        (the same at the hw pixels of an image), spread over each tile into gsb [T, L] first."""
         L = z.shape[1]
         for base in range(start, stop, L):
             m = min(L, stop - base)
+            src, src_base = gs, base
+            if hw > 0:
+                _spread_pool_grad(gs, hw, C, base, m, gsb)
+                src, src_base = gsb, base - base
             if gz.shape[0] == 4:
-                _grad_z_fused4(c, e, gs, gz, K, base, m, decay, threshold, alpha, soft, k1, k2, m_spike)
+                _grad_z_fused4(c, e, src, gz, K, base, m, src_base, decay, threshold, alpha, soft, k1, k2, m_spike)
             else:
                 _load_z(c, e, base, m, K, z)
                 _forward_range(z, dm, 0, m, 0, g, decay, threshold, soft, True)
-                _reverse_range(gs, gz, dm, base, m, base, g, decay, alpha, k1, k2, m_spike)
+                _reverse_range(src, gz, dm, src_base, m, base, g, decay, alpha, k1, k2, m_spike)
             _add_sums(c, e, gz, K, base, m, sums, both)
 
     @_jit(**_OPTS)
@@ -279,7 +298,7 @@ if numba is not None:
         T, N, L, claim, kind = p[_Q_T], p[_Q_N], p[_Q_L], p[_Q_CLAIM], p[_Q_KIND]
         c = carray(_ptr_like(p[_Q_C], witness), (T, N))
         e = carray(_ptr_like(p[_Q_E], witness), (T, N))
-        gs = carray(_ptr_like(p[_Q_GS], witness), (T, N))
+        gs = carray(_ptr_like(p[_Q_GS], witness), (T, p[_Q_GS_COLS]))
         out = carray(_ptr_like(p[_Q_OUT], witness), (T, N))
         out_e = carray(_ptr_like(p[_Q_OUT_E], witness), (T, N))
         K = carray(_ptr_like(p[_Q_CONSTS], witness), (12, L))
@@ -288,6 +307,7 @@ if numba is not None:
         z = carray(_ptr_like(scratch, witness), (T, L))
         dm = carray(_ptr_like(scratch + p[_Q_DM_OFFSET], witness), (T, L))
         g = carray(_ptr_like(scratch + p[_Q_G_OFFSET], witness), L)
+        gsb = carray(_ptr_like(scratch + p[_Q_GSB_OFFSET], witness), (T, L))
         sums = carray(_ptr_like(p[_Q_SUMS] + slot * 3 * L * 8, 0.0), (3, L))
         if kind == _GRAD_Z:
             sums[:, :] = 0.0
@@ -302,8 +322,8 @@ if numba is not None:
             if kind == _FWD:
                 _forward_columns(c, e, out, K, lo, hi, z, g, decay, threshold, soft)
             elif kind == _GRAD_Z:
-                _grad_z_columns(c, e, gs, out, K, lo, hi, z, dm, g, sums, both, decay, threshold, alpha, soft, k1,
-                                k2, m_spike)
+                _grad_z_columns(c, e, gs, out, K, lo, hi, z, dm, gsb, g, sums, both, p[_Q_HW], p[_Q_CHANNELS], decay,
+                                threshold, alpha, soft, k1, k2, m_spike)
             elif kind == _GRAD_BN:
                 _grad_bn_columns(c, e, gs, out, out_e, K, lo, hi, L, both)
             else:
@@ -380,9 +400,10 @@ def _buffers(threads: int, L: int, slot_bytes: int):
 
 
 def _launch(kind: int, T: int, consts: np.ndarray, c: np.ndarray, e=None, gs=None, out=None, out_e=None,
-            floats=(), soft: bool = False, both: bool = False) -> np.ndarray:
+            floats=(), soft: bool = False, both: bool = False, hw: int = 0, channels: int = 0) -> np.ndarray:
     """Run a pass over the columns on torch's OpenMP team (or the calling thread); returns the
-    per-thread sums [threads, 3, L] (pass 1). Operands not given point at c and are not read."""
+    per-thread sums [threads, 3, L] (pass 1). Operands not given point at c and are not read.
+    hw > 0 (pass 1): gs is a global average pool's gradient [T, B*channels], hw pixels per image."""
     N, L = c.shape[1], consts.shape[1]
     size = c.itemsize
     threads = torch.get_num_threads()
@@ -391,15 +412,16 @@ def _launch(kind: int, T: int, consts: np.ndarray, c: np.ndarray, e=None, gs=Non
     tiles = -(-N // L)
     claim = L * max(1, min(8, -(-tiles // (4 * threads))))
     threads = max(1, min(threads, -(-N // claim)))
-    slot_bytes = (2 * T + 1) * L * size
+    slot_bytes = (3 * T + 1) * L * size  # z, h - threshold, a spread pool gradient [T, L]; a state [L]
     sums, scratch = _buffers(threads, L, slot_bytes)
     floats = np.asarray(tuple(floats) + (0.0,) * (8 - len(floats)), np.float64)
     p = np.zeros(_Q_LEN, np.int64)
     for slot, arr in ((_Q_C, c), (_Q_E, e), (_Q_GS, gs), (_Q_OUT, out), (_Q_OUT_E, out_e)):
         p[slot] = (c if arr is None else arr).ctypes.data
     p[_Q_CONSTS], p[_Q_T], p[_Q_N], p[_Q_L], p[_Q_CLAIM] = consts.ctypes.data, T, N, L, claim
-    p[_Q_SCRATCH], p[_Q_SLOT_BYTES], p[_Q_DM_OFFSET], p[_Q_G_OFFSET] = scratch.ctypes.data, slot_bytes, \
-        T * L * size, 2 * T * L * size
+    p[_Q_SCRATCH], p[_Q_SLOT_BYTES], p[_Q_DM_OFFSET], p[_Q_GSB_OFFSET], p[_Q_G_OFFSET] = scratch.ctypes.data, \
+        slot_bytes, T * L * size, 2 * T * L * size, 3 * T * L * size
+    p[_Q_HW], p[_Q_CHANNELS], p[_Q_GS_COLS] = hw, channels, N if gs is None else gs.shape[1]
     p[_Q_FLOATS], p[_Q_SOFT], p[_Q_BOTH], p[_Q_SUMS], p[_Q_KIND] = floats.ctypes.data, int(soft), \
         int(both), sums.ctypes.data, kind
     task = _compiled_task(torch.float32 if c.dtype == np.float32 else torch.float64)
@@ -425,12 +447,20 @@ def unit_grad_z(grad_spikes: Tensor, c: Tensor, T: int, consts: np.ndarray, deca
                 residual_bn: bool = False) -> tuple[Tensor, np.ndarray]:
     """Pass 1: (g_z [T*B, C, H, W] channels_last, the threads' partial sums [threads, 3, L] float64
     per column of sum(g_z), sum(g_z (c - mean)) and, with residual_bn (e is a downsample's conv
-    output), sum(g_z (e - mean_e)): set_grad_bn reads them)."""
-    grad_spikes = grad_spikes.to(c.dtype).contiguous(memory_format=torch.channels_last)
+    output), sum(g_z (e - mean_e)): set_grad_bn reads them). A grad_spikes that is the same at
+    every pixel of an image (expanded over H and W: a global average pool's) is read as it is,
+    [T*B, C], never spread out in memory."""
     gz = torch.empty_like(c, memory_format=torch.channels_last)
     k1, k2, m_spike = _grad_constants(threshold, soft, detach_reset)
-    sums = _launch(_GRAD_Z, T, consts, _view(c, T), _view(e, T), gs=_view(grad_spikes, T), out=_view(gz, T),
-                   floats=(decay, threshold, surrogate_alpha, k1, k2, m_spike), soft=soft, both=residual_bn)
+    hw = 0
+    if grad_spikes.stride(2) == 0 and grad_spikes.stride(3) == 0:  # broadcast over the pixels
+        hw = c.shape[2] * c.shape[3]
+        gs = grad_spikes[:, :, 0, 0].to(c.dtype).contiguous().view(T, -1).numpy()
+    else:
+        gs = _view(grad_spikes.to(c.dtype).contiguous(memory_format=torch.channels_last), T)
+    sums = _launch(_GRAD_Z, T, consts, _view(c, T), _view(e, T), gs=gs, out=_view(gz, T),
+                   floats=(decay, threshold, surrogate_alpha, k1, k2, m_spike), soft=soft, both=residual_bn, hw=hw,
+                   channels=c.shape[1])
     return gz, sums
 
 

@@ -62,7 +62,7 @@ def _run(fused, c, residual, grad, bn, bn_d, lif, T, pack=False):
     else:
         y = bn(c)
         s = lif(y if r is None else y + (r if bn_d is None else bn_d(r)), T)
-    (s * grad).sum().backward()
+    s.backward(grad)  # as it is: a pool's expanded gradient reaches the unit expanded
     mods = [m for m in (bn, bn_d) if m is not None]
     grads = [c.grad] + ([] if r is None else [r.grad]) + [p.grad for m in mods for p in (m.weight, m.bias)]
     return s, grads, [b.clone() for m in mods for b in m.buffers()]
@@ -90,6 +90,22 @@ def test_fused_unit_equals_the_modules(kind, reset, T, dtype):
     for a, b in zip(g_f, g_m):
         assert a.dtype == b.dtype and a.shape == b.shape
         assert (a - b).abs().max().item() <= tol * b.abs().max().item(), (kind, reset, T)
+
+
+@pytest.mark.parametrize("kind,T", [("none", 4), ("downsample", 4), ("spikes", 3), ("downsample", 6)])
+def test_fused_unit_reads_a_pool_gradient_as_it_is(kind, T):
+    """A gradient expanded over the pixels (a global average pool's backward) is read without
+    being spread out in memory: the same gradients as the modules given it written out."""
+    c, residual, _ = _unit_inputs(kind, T, 5, 16, 6, torch.float32)
+    pooled = torch.randn(c.shape[0], 16, 1, 1, generator=torch.Generator().manual_seed(3))
+    grad = pooled.expand(c.shape)
+    lif, bn = MergedLIF(decay=0.5, backend="cpu"), _bn(16, torch.float32, 1)
+    bn_d = _bn(16, torch.float32, 2) if kind == "downsample" else None
+    fused = _run(True, c, residual, grad, copy.deepcopy(bn), copy.deepcopy(bn_d), lif, T)
+    plain = _run(False, c, residual, grad.contiguous(), copy.deepcopy(bn), copy.deepcopy(bn_d), lif, T)
+    assert torch.equal(fused[0], plain[0])
+    for a, b in zip(fused[1], plain[1]):
+        assert (a - b).abs().max().item() <= 1e-5 * b.abs().max().item()
 
 
 @pytest.mark.parametrize("threads", [1, 2])

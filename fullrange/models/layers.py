@@ -182,17 +182,20 @@ class NeuronUnits(MemoryModes):
         return recomputed(lambda c_, r: bn_lif(bn, lif, c_, T, shortcut(r), fuse), (c, residual), bns,
                           (False, residual_bn is None))
 
-    def time_invariant_unit(self, bn: nn.Module, lif: nn.Module, c: torch.Tensor, T: int) -> torch.Tensor:
+    def time_invariant_unit(self, bn: nn.Module, lif: nn.Module, c: torch.Tensor, T: int,
+                            made_by: Optional[Tuple[nn.Module, torch.Tensor]] = None) -> torch.Tensor:
         """spikes[T*B, C, H, W] = lif(bn(c) repeated over T, T) for a stem output c[B, C, H, W]
         that is the same at every step (stem_runs_once). BatchNorm runs once
         (batch_norm_over_time) and the LIF reads its output [B] at every step
         (MergedLIF.forward_constant): in training through TimeInvariantUnit, which keeps only c,
-        in every memory mode; without autograd directly. Under torch.compile, or with a BatchNorm
+        in every memory mode (in spikes_1bit, given made_by = (conv, image) with c = conv(image),
+        only the image: the conv runs again in the backward); without autograd directly. Under torch.compile, or with a BatchNorm
         that TimeInvariantUnit does not serve, the LIF runs on the repeated output (autograd; in
         spikes_1bit recomputed from c)."""
         eager = not torch.compiler.is_compiling()
         if eager and TimeInvariantUnit.serves(bn) and torch.is_grad_enabled():
-            return TimeInvariantUnit.apply(c, bn, lif, T, bn.weight, bn.bias)
+            return TimeInvariantUnit.apply(c, bn, lif, T, made_by if self.memory == "spikes_1bit" else None,
+                                           bn.weight, bn.bias)
         if eager and not torch.is_grad_enabled():
             return lif.forward_constant(batch_norm_over_time(bn, c, T), T)
 
@@ -203,7 +206,10 @@ class NeuronUnits(MemoryModes):
 
 class TimeInvariantUnit(torch.autograd.Function):
     """c[B, C, H, W] -> spikes[T*B, C, H, W] = lif(bn(c) repeated over T, T) for a training-mode
-    affine nn.BatchNorm2d, keeping only c for the backward (any device, any memory mode).
+    affine nn.BatchNorm2d, keeping only c for the backward (any device, any memory mode), or,
+    given made_by = (conv, image) with c = conv(image), only the image (the stem conv's node
+    keeps it anyway): the backward runs conv(image) again, the same call on the same values
+    under the forward's autocast state, so the same c bit for bit.
 
     forward, without autograd: batch_norm_over_time (BatchNorm's running statistics update as on
     the T copies), then MergedLIF.forward_constant: the LIF reads bn(c) [B] at every step.
@@ -218,10 +224,11 @@ class TimeInvariantUnit(torch.autograd.Function):
         return type(bn) is nn.BatchNorm2d and bn.training and bn.affine
 
     @staticmethod
-    def forward(ctx, c, bn, lif, T, weight, bias):
+    def forward(ctx, c, bn, lif, T, made_by, weight, bias):
         with torch.no_grad():
             spikes = lif.forward_constant(batch_norm_over_time(bn, c, T), T)
-        ctx.save_for_backward(c)
+        ctx.conv = None if made_by is None else made_by[0]
+        ctx.save_for_backward(c if made_by is None else made_by[1])
         ctx.modules, ctx.T = (bn, lif), T
         device = c.device.type
         ctx.autocast = device, torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)
@@ -234,13 +241,15 @@ class TimeInvariantUnit(torch.autograd.Function):
         bn, lif = ctx.modules
         device, enabled, dtype = ctx.autocast
         with torch.autocast(device, dtype=dtype, enabled=enabled):
+            if ctx.conv is not None:
+                c = ctx.conv(c)  # c was the image
             y, mean, invstd = torch.ops.aten.native_batch_norm(c, bn.weight, bn.bias, None, None, True, 0.0, bn.eps)
             grad_y = lif.constant_input_grad(y, grad_spikes, ctx.T).to(y.dtype)
         del y
         needs = ctx.needs_input_grad
         grad_c, grad_w, grad_b = torch.ops.aten.native_batch_norm_backward(
-            grad_y, c, bn.weight, None, None, mean, invstd, True, bn.eps, [needs[0], needs[4], needs[5]])
-        return grad_c, None, None, None, grad_w, grad_b
+            grad_y, c, bn.weight, None, None, mean, invstd, True, bn.eps, [needs[0], needs[5], needs[6]])
+        return grad_c, None, None, None, None, grad_w, grad_b
 
 
 def encode_direct(x: torch.Tensor, T: Optional[int], repeat: bool = True) -> Tuple[torch.Tensor, int]:
@@ -338,13 +347,18 @@ class _GlobalAvgPool(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x):
         ctx.shape, ctx.nhwc = x.shape, is_nhwc(x)
+        ctx.expand = unit_cpu.reads_pixel_broadcast_grad(x)
         return torch.nn.functional.adaptive_avg_pool2d(x, 1)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        """dL/dx = dL/dy / (H*W) at every pixel (mean's backward, the same values)."""
+        """dL/dx = dL/dy / (H*W) at every pixel (mean's backward, the same values): expanded over
+        the pixels, never written out, where x's producer reads it so (the fused CPU unit: one
+        [N, C, H, W] gradient less at the backward's peak), else written once in x's layout."""
         h, w = ctx.shape[2:]
+        if ctx.expand:
+            return (grad / (h * w)).expand(ctx.shape)
         layout = torch.channels_last if ctx.nhwc else torch.contiguous_format
         grad_x = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout)
         return grad_x.copy_((grad / (h * w)).expand(ctx.shape))

@@ -6,7 +6,9 @@
                  input bit-packed, 1 bit per element instead of 2-4 bytes; its backward unpacks
                  it and calls the same ATen backward as autograd, so gradients are bit-identical.
                  Each BatchNorm (+ residual) -> LIF keeps only the conv output it normalises and
-                 recomputes BN-apply, the add and the LIF in the backward (layers.NeuronUnits).
+                 recomputes BN-apply, the add and the LIF in the backward (layers.NeuronUnits);
+                 a stem that runs once per image keeps only the image and runs its conv again
+                 (layers.TimeInvariantUnit).
     checkpoint   every residual block (and the stem) is recomputed in the backward: a block
                  keeps only its input (bit-packed when it is a spike tensor) and its forward runs
                  a second time, in the backward, under the forward's autocast state; BatchNorm

@@ -99,7 +99,7 @@ class SpikingResNet(NeuronUnits):
     def _stem(self, x: torch.Tensor, T: int, once: bool) -> torch.Tensor:
         """x[T*B, C, H, W], or the image x[B, C, H, W] when the stem runs once -> spikes[T*B, ...]."""
         if once:
-            return self.time_invariant_unit(self.bn1, self.lif1, self.conv1(x), T)
+            return self.time_invariant_unit(self.bn1, self.lif1, self.conv1(x), T, made_by=(self.conv1, x))
         return self.neuron_unit(self.bn1, self.lif1, self.conv1(x), T)
 
     def forward(self, x: torch.Tensor, T: Optional[int] = None) -> torch.Tensor:

@@ -45,6 +45,13 @@ def serves(c: torch.Tensor, bn: nn.Module, lif: nn.Module, residual: Optional[to
     return resolve_backend(lif.backend, c) == "cpu" and _unusable(c.dtype) is None
 
 
+def reads_pixel_broadcast_grad(spikes: torch.Tensor) -> bool:
+    """Whether spikes came from FusedUnitCPU, whose backward reads a gradient that is the same at
+    every pixel of an image (expanded over H and W: a global average pool's) without spreading it
+    out in memory."""
+    return type(spikes.grad_fn) is FusedUnitCPU._backward_cls
+
+
 def _unusable(dtype: torch.dtype) -> Optional[str]:
     """Why the fused op cannot run dtype here, or None: checked once per dtype on a small batch,
     BatchNorm's output and statistics against aten.native_batch_norm (ATen's rounding depends on
