@@ -60,8 +60,8 @@ if numba is not None:
     from numba import carray, cfunc, types as _nb_types
     from numba.extending import intrinsic
 
-    from .lif_cpu import (_OPTS, _fetch_add, _forward_range, _grad_step, _jit, _like, _mul_exact, _ptr_like, _reset,
-                          _reverse_range, _slot)
+    from .lif_cpu import (_OPTS, _fetch_add, _forward_range, _jit, _like, _membrane4, _mul_exact, _ptr_like, _reset,
+                          _reverse4, _reverse_range, _slot)
 
     @intrinsic
     def _fma(typingctx, a, b, c):
@@ -190,20 +190,12 @@ if numba is not None:
         o0, o1, o2, o3 = gz[0, base:base + m], gz[1, base:base + m], gz[2, base:base + m], gz[3, base:base + m]
         for j in range(m):
             a, b, ae, be = A[j], B[j], AE[j], BE[j]
-            h = _z(c0[j], e0[j], a, b, ae, be)
-            d0 = h - threshold
-            h = _mul_exact(decay, _reset(h, threshold, soft, zero)) + _z(c1[j], e1[j], a, b, ae, be)
-            d1 = h - threshold
-            h = _mul_exact(decay, _reset(h, threshold, soft, zero)) + _z(c2[j], e2[j], a, b, ae, be)
-            d2 = h - threshold
-            h = _mul_exact(decay, _reset(h, threshold, soft, zero)) + _z(c3[j], e3[j], a, b, ae, be)
-            g = _grad_step(a3[j], h - threshold, zero, decay, alpha, k1, k2, m_spike, zero, one)
-            o3[j] = g
-            g = _grad_step(a2[j], d2, g, decay, alpha, k1, k2, m_spike, zero, one)
-            o2[j] = g
-            g = _grad_step(a1[j], d1, g, decay, alpha, k1, k2, m_spike, zero, one)
-            o1[j] = g
-            o0[j] = _grad_step(a0[j], d0, g, decay, alpha, k1, k2, m_spike, zero, one)
+            d0, d1, d2, d3 = _membrane4(_z(c0[j], e0[j], a, b, ae, be), _z(c1[j], e1[j], a, b, ae, be),
+                                        _z(c2[j], e2[j], a, b, ae, be), _z(c3[j], e3[j], a, b, ae, be),
+                                        decay, threshold, soft, zero)
+            g0, g1, g2, g3 = _reverse4(a0[j], a1[j], a2[j], a3[j], d0, d1, d2, d3, decay, alpha, k1, k2,
+                                       m_spike, zero, one)
+            o0[j], o1[j], o2[j], o3[j] = g0, g1, g2, g3
 
     @_jit(**_OPTS)
     def _add_sums(c, e, gz, K, base, m, sums, both):

@@ -32,9 +32,11 @@ def serves(c: torch.Tensor, bn: nn.Module, lif: nn.Module, residual: Optional[to
     """Whether FusedUnitCPU runs this unit: eager autograd on the CPU without autocast, c and the
     residual channels_last float32/float64 of one shape, training-mode affine nn.BatchNorm2d
     with running statistics, a LIF on the CPU kernel, and the first-use check passed."""
-    if not (c.device.type == "cpu" and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
-            and type(c) is torch.Tensor and not torch.compiler.is_compiling()
-            and not torch._C._are_functorch_transforms_active()
+    if c.device.type != "cpu":
+        return False
+    from fullrange.kernels.lif_cpu import _eager  # a plain tensor outside torch.compile / torch.func
+
+    if not (_eager(c) and torch.is_grad_enabled() and not torch.is_autocast_enabled("cpu")
             and c.dtype in (torch.float32, torch.float64) and is_nhwc(c)):
         return False
     if residual is not None and not (residual.shape == c.shape and residual.dtype == c.dtype and is_nhwc(residual)):
