@@ -22,9 +22,10 @@ weights.
 Each case runs in a fresh process (earlier cases' memory slowed later ones). Prints per case:
 median step time of each (warm-up 2 steps, then --repeats rounds round-robin),
 their ratio, the step's peak memory above the memory before it (bench/memory_probe.py),
-`non_conv_share`: the fraction of fullrange's step time (torch.profiler, self time) outside
-convolution forward and backward, and the ratio fullrange would reach with that share at zero
-(SpikingJelly's best over fullrange's convolution time). Last line:
+`non_conv_share`: the fraction of fullrange's step time (torch.profiler) outside convolution
+forward and backward (the outermost aten convolution calls, with what runs inside them), and
+the ratio fullrange would reach with that share at zero (SpikingJelly's best over fullrange's
+convolution time). Last line:
 `step_ratio_vs_spikingjelly=X`, the geometric mean over the cases of (SpikingJelly's best
 variant time / fullrange's best of default and +compile): above 1, fullrange is faster.
 """
@@ -162,7 +163,11 @@ def timed(step, device) -> float:
 
 
 def non_conv_share(step, device) -> float:
-    """Fraction of the step's self time outside convolution forward/backward (3 profiled steps)."""
+    """Fraction of the step's time outside convolution forward/backward (3 profiled steps): the
+    sum of every op's self time, less the inclusive time of the outermost aten::convolution and
+    aten::convolution_backward calls (so the work a convolution does inside, such as mkldnn's
+    reorder of the weight gradient into the weight's layout, counts as convolution, and the
+    Python autograd Functions around the convolutions do not)."""
     from torch.profiler import ProfilerActivity, profile
 
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
@@ -171,11 +176,26 @@ def non_conv_share(step, device) -> float:
             step()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    attr = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = prof.key_averages()
-    total = sum(getattr(e, attr) for e in events)
-    conv = sum(getattr(e, attr) for e in events if "conv" in e.key.lower())
+    cuda = device.type == "cuda"
+    events = prof.events()
+    total = sum(e.self_device_time_total if cuda else e.self_cpu_time_total for e in events)
+    conv = 0.0
+    for e in events:
+        if e.name in CONV_OPS and not _inside_conv(e):
+            conv += e.device_time_total if cuda else e.cpu_time_total  # both inclusive
     return 1.0 - conv / max(total, 1e-9)
+
+
+CONV_OPS = ("aten::convolution", "aten::convolution_backward")
+
+
+def _inside_conv(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name in CONV_OPS:
+            return True
+        parent = parent.cpu_parent
+    return False
 
 
 def run_case(name: str, case: dict, device, repeats: int, compile_sj: bool, compile_ours: bool) -> dict:
