@@ -48,10 +48,12 @@ IMPLS = ("fullrange", "fullrange spikes_1bit", "fullrange spikes_1bit+2", "fullr
 VARIANTS = ("fullrange stem_per_step", "fullrange unfused")  # default memory mode, one setting changed
 
 
-def measure(case_name: str, impl: str) -> dict:
-    """One (case, implementation) in this process: saved bytes and peak per image."""
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    case = CASES[case_name]
+def build_step(case_name: str, impl: str, device: torch.device, batch: int | None = None):
+    """(step, forward, B): one training step of `impl` (one of IMPLS) on case_name's network and
+    a batch of B images (the case's batch, or `batch`), and its forward alone."""
+    case = dict(CASES[case_name])
+    if batch is not None:
+        case["batch"] = case["gpu_batch"] = batch
     mode = impl.split()[1] if impl.startswith("fullrange ") and impl not in VARIANTS else "default"
     steps = make_steps(case, device, compile_sj=False, memory_modes=(mode,))
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
@@ -61,15 +63,21 @@ def measure(case_name: str, impl: str) -> dict:
             step.model.stem_once = False  # model.stem_once: false
         if impl == "fullrange unfused":
             set_fusion(step.model, False)  # model.fuse_bn_lif: false
-        forward = step.forward
-    else:
-        step, forward = steps["spikingjelly"], steps["spikingjelly"].forward
-        if impl == "spikingjelly memopt":
-            from spikingjelly.activation_based import memopt
-            from sj_models import Basic, PreAct
+        return step, step.forward, B
+    step = steps["spikingjelly"]
+    if impl == "spikingjelly memopt":
+        from spikingjelly.activation_based import memopt
+        from sj_models import Basic, PreAct
 
-            memopt.optimize_memory(step.model, (Basic, PreAct), lambda m: m(step.x, case["T"]), level=1,
-                                   checkpoint_budget="memory", compress=True)
+        memopt.optimize_memory(step.model, (Basic, PreAct), lambda m: m(step.x, case["T"]), level=1,
+                               checkpoint_budget="memory", compress=True)
+    return step, step.forward, B
+
+
+def measure(case_name: str, impl: str) -> dict:
+    """One (case, implementation) in this process: saved bytes and peak per image."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step, forward, B = build_step(case_name, impl, device)
     step()  # warm-up: kernels, allocator pools
     peak, _ = peak_above(step, device)
     return {"case": case_name, "impl": impl, "saved_B_per_img": saved_bytes(forward) / B,

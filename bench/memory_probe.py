@@ -20,6 +20,13 @@ def _status_kib(field: str) -> int:
 
 def peak_above(work, device: torch.device) -> tuple[float, object]:
     """(MiB the work's peak memory rose above the memory before it, work's result)."""
+    before, peak, out = memory_around(work, device)
+    return (peak - before) / 2**20, out
+
+
+def memory_around(work, device: torch.device) -> tuple[int, int, object]:
+    """(bytes in use before the work, the peak bytes in use during it, work's result): CUDA's
+    allocated bytes, or the CPU process's resident set."""
     gc.collect()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -27,12 +34,12 @@ def peak_above(work, device: torch.device) -> tuple[float, object]:
         torch.cuda.reset_peak_memory_stats(device)
         out = work()
         torch.cuda.synchronize(device)
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20, out
+        return before, torch.cuda.max_memory_allocated(device), out
     ctypes.CDLL("libc.so.6").malloc_trim(0)
     Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
     before = _status_kib("VmRSS")
     out = work()
-    return (_status_kib("VmHWM") - before) / 1024, out
+    return before * 1024, _status_kib("VmHWM") * 1024, out
 
 
 def saved_bytes(forward) -> int:
