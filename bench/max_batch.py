@@ -12,7 +12,7 @@ Per implementation (bench/memory.py's builds and names), in a fresh process:
    without OutOfMemoryError; CPU: peak resident set <= budget), growing while batches fit and
    shrinking while they do not (by 10%, then 21%, 46%, ...), then bisecting to within
    --tolerance.
-The budget is the card on CUDA (its free memory plus what the allocator already holds), and
+The budget is the card on CUDA (its free memory when the process starts), and
 --budget-gib on the CPU, where it is required (a stand-in for a card; the resident set includes
 the interpreter). Prints each implementation's largest batch, the prediction and the line; last
 lines: `max_batch_ratio_vs_spikingjelly=X` (fullrange's largest batch over any of the memory
@@ -42,12 +42,12 @@ DEFAULT_IMPLS = "fullrange,fullrange spikes_1bit,fullrange spikes_1bit+2,spiking
 
 
 def largest_fitting(fits: Callable[[int], bool], guess: int, lo: int = 0, hi: Optional[int] = None,
-                    tolerance: float = 0.03, step: float = 1.1, max_probes: int = 12) -> int:
+                    tolerance: float = 0.03, factor: float = 1.1, max_probes: int = 12) -> int:
     """The largest batch found to fit: probes fits(batch) from guess, growing while batches fit
-    and shrinking while they do not (by `step`, squared at each further move the same way),
+    and shrinking while they do not (by `factor`, squared at each further move the same way),
     then bisecting between the largest batch that fit (lo; 0: none known) and the smallest that
     did not (hi; None: none known) until hi - lo <= max(1, tolerance * lo), or max_probes ran."""
-    batch, reach = guess, step
+    batch, reach = guess, factor
     for _ in range(max_probes):
         if hi is not None and hi - lo <= max(1, tolerance * lo):
             break
@@ -68,15 +68,14 @@ def largest_fitting(fits: Callable[[int], bool], guess: int, lo: int = 0, hi: Op
 def search(case_name: str, impl: str, budget: Optional[int], probe_batch: int, tolerance: float) -> dict:
     """One implementation in this process: the line, its prediction and the largest batch."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if budget is None:  # the card: its free memory before anything of this run is on it
+        budget = torch.cuda.mem_get_info(device)[0]
     probes = []  # [batch, fits, peak MiB]
 
     def fits(batch: int) -> bool:
-        nonlocal budget
         step, peak = None, math.nan
         try:
             step, _, _ = build_step(case_name, impl, device, batch)
-            if budget is None:  # the card: what the allocator holds plus what it could still get
-                budget = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device)
             _, peak, _ = memory_around(lambda: (step(), step()), device)
         except torch.OutOfMemoryError:
             pass
