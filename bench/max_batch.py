@@ -34,7 +34,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from memory import IMPLS, MEASURE_ENV, build_step  # noqa: E402
+from memory import CUDA_IMPLS, IMPLS, MEASURE_ENV, build_step  # noqa: E402
 from memory_probe import memory_around  # noqa: E402
 from step import CASES  # noqa: E402
 
@@ -107,7 +107,8 @@ def search(case_name: str, impl: str, budget: Optional[int], probe_batch: int, t
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--case", default="preact34", choices=sorted(CASES))
-    p.add_argument("--impls", default=DEFAULT_IMPLS, help=f"comma-separated, of: {', '.join(IMPLS)}")
+    p.add_argument("--impls", default=DEFAULT_IMPLS,
+                   help=f"comma-separated, of: {', '.join(IMPLS)} (and on CUDA {', '.join(CUDA_IMPLS)})")
     p.add_argument("--budget-gib", type=float, help="memory budget (CPU: required; CUDA: default the card)")
     p.add_argument("--probe-batch", type=int, default=16, help="b: the line is fitted at b and 2b")
     p.add_argument("--tolerance", type=float, default=0.03, help="relative resolution of the largest batch")
@@ -115,9 +116,10 @@ def main(argv=None) -> None:
     p.add_argument("--one", metavar="IMPL", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     impls = [i.strip() for i in args.impls.split(",") if i.strip()]
-    unknown = [i for i in impls if i not in IMPLS]
+    known = IMPLS + (CUDA_IMPLS if torch.cuda.is_available() else ())
+    unknown = [i for i in impls if i not in known]
     if unknown:
-        p.error(f"--impls: unknown {unknown}; expected some of {', '.join(IMPLS)}")
+        p.error(f"--impls: unknown {unknown}; expected some of {', '.join(known)}")
     if args.budget_gib is None and not torch.cuda.is_available():
         p.error("--budget-gib is required on the CPU (there is no card to fill)")
     if args.probe_batch < 1 or not 0 < args.tolerance < 1:

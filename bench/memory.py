@@ -3,11 +3,12 @@
     python bench/memory.py [--cases demo,resnet19]
 
 Per case (the demo student: T=4, batch 128, 28 px; ResNet-19: T=6, batch 16, 32 px) and per
-implementation, each in a fresh process: fullrange as its trainer runs it; SpikingJelly 2.0's
+implementation: fullrange as its trainer runs it; SpikingJelly 2.0's
 build of the same network (bench/sj_models.py); and SpikingJelly with its memopt
 (`optimize_memory(level=1, checkpoint_budget="memory", compress=True)`: checkpointing of every
-block plus 1-bit compression of binary inputs; levels 2-4 search CUDA memory and belong in the
-GPU check). Two measures, per image:
+block plus 1-bit compression of binary inputs) and, on CUDA only, at level 4 ("memopt level4":
+its searches over CUDA memory, here the split along the time dimension of its convolutions and
+the greedy removal of checkpoints that do not lower the peak). Two measures, per image:
   saved   bytes of the unique storages autograd keeps for the backward (checkpointing hides its
           recompute from this count, so it flatters checkpointed models);
   peak    the step's peak memory above the memory before it (peak RSS on the CPU,
@@ -17,13 +18,16 @@ spikes_1bit with its first two blocks recomputed ("spikes_1bit+2": model.recompu
 in the default mode with model.stem_once false ("stem_per_step": the stem on the T copies of the
 image, fullrange's default until 2026-12-06) and with model.fuse_bn_lif false ("unfused":
 BatchNorm and LIF modules, which keep BatchNorm's output or the LIF's input). Last line:
-`activation_peak_ratio_vs_spikingjelly_memopt=X`, SpikingJelly memopt's peak over the peak of
-fullrange's leanest mode, the worse (smaller) of the cases: at least 1 means fullrange needs no
-more.
+`activation_peak_ratio_vs_spikingjelly_memopt=X`, SpikingJelly memopt's peak (its leaner level)
+over the peak of fullrange's leanest mode, the worse (smaller) of the cases: at least 1 means
+fullrange needs no more. On the CPU each (case, implementation) runs in a fresh process (the
+resident set is per process); on CUDA, whose allocator counts each one's peak, one process per
+case runs them one after another.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -46,6 +50,7 @@ MEASURE_ENV = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
 IMPLS = ("fullrange", "fullrange spikes_1bit", "fullrange spikes_1bit+2", "fullrange checkpoint",
          "fullrange stem_per_step", "fullrange unfused", "spikingjelly", "spikingjelly memopt")
 VARIANTS = ("fullrange stem_per_step", "fullrange unfused")  # default memory mode, one setting changed
+CUDA_IMPLS = ("spikingjelly memopt level4",)  # its memory searches run on CUDA only
 
 
 def build_step(case_name: str, impl: str, device: torch.device, batch: int | None = None):
@@ -65,12 +70,14 @@ def build_step(case_name: str, impl: str, device: torch.device, batch: int | Non
             set_fusion(step.model, False)  # model.fuse_bn_lif: false
         return step, step.forward, B
     step = steps["spikingjelly"]
-    if impl == "spikingjelly memopt":
-        from spikingjelly.activation_based import memopt
+    if impl.startswith("spikingjelly memopt"):
+        from spikingjelly.activation_based import layer, memopt
         from sj_models import Basic, PreAct
 
-        memopt.optimize_memory(step.model, (Basic, PreAct), lambda m: m(step.x, case["T"]), level=1,
-                               checkpoint_budget="memory", compress=True)
+        deep = impl.endswith("level4")  # + the split of its convolutions over T, then greedy unwrapping
+        memopt.optimize_memory(step.model, (Basic, PreAct), lambda m: m(step.x, case["T"]), level=4 if deep else 1,
+                               checkpoint_budget="memory", compress=True,
+                               can_chunk=(lambda m: isinstance(m, layer.Conv2d)) if deep else None)
     return step, step.forward, B
 
 
@@ -82,6 +89,29 @@ def measure(case_name: str, impl: str) -> dict:
     peak, _ = peak_above(step, device)
     return {"case": case_name, "impl": impl, "saved_B_per_img": saved_bytes(forward) / B,
             "peak_MiB_per_img": peak / B, "batch": B}
+
+
+def measure_in_fresh_process(case: str, impl: str, threads: int) -> dict | None:
+    """measure() in a fresh process (the CPU's resident set belongs to the process); None when it failed."""
+    done = subprocess.run([sys.executable, __file__, "--one", case, impl, "--threads", str(threads)],
+                          capture_output=True, text=True, env=MEASURE_ENV)
+    line = [x for x in done.stdout.splitlines() if x.startswith("MEM ")]
+    if done.returncode or not line:
+        print(f"{case}/{impl}: failed\n{done.stderr[-2000:]}")
+        return None
+    return json.loads(line[-1][4:])
+
+
+def measure_on_cuda(case: str, impl: str) -> dict | None:
+    """measure() in this process, its memory handed back to the card afterwards; None when it failed."""
+    try:
+        return measure(case, impl)
+    except Exception as err:  # noqa: BLE001 - one implementation failing leaves the others' numbers
+        print(f"{case}/{impl}: failed: {type(err).__name__}: {err}")
+        return None
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
 
 
 def main(argv=None) -> None:
@@ -96,28 +126,25 @@ def main(argv=None) -> None:
         print("MEM " + json.dumps(measure(*args.one)))
         return
     worst = None
+    cuda = torch.cuda.is_available()
     for case in args.cases.split(","):
         rows = {}
-        for impl in IMPLS:
-            done = subprocess.run([sys.executable, __file__, "--one", case, impl, "--threads", str(args.threads)],
-                                  capture_output=True, text=True,
-                                  env=MEASURE_ENV)
-            line = [x for x in done.stdout.splitlines() if x.startswith("MEM ")]
-            if done.returncode or not line:
-                print(f"{case}/{impl}: failed\n{done.stderr[-2000:]}")
+        for impl in IMPLS + (CUDA_IMPLS if cuda else ()):
+            row = measure_on_cuda(case, impl) if cuda else measure_in_fresh_process(case, impl, args.threads)
+            if row is None:
                 continue
-            rows[impl] = json.loads(line[-1][4:])
-            r = rows[impl]
+            rows[impl] = r = row
             print(f"{case} {impl:22s} saved {r['saved_B_per_img'] / 2**20:7.2f} MiB/img   peak "
                   f"{r['peak_MiB_per_img']:7.2f} MiB/img   (batch {r['batch']})")
         ours = {k: r["peak_MiB_per_img"] for k, r in rows.items() if k.startswith("fullrange")}
         if "fullrange" in ours:
             print(f"{case}: fullrange default peak / each mode: " + ", ".join(
                 f"{k.split()[1]} {ours['fullrange'] / v:.2f}x" for k, v in ours.items() if k != "fullrange"))
-        if ours and "spikingjelly memopt" in rows:
-            leanest = min(ours, key=ours.get)
-            ratio = rows["spikingjelly memopt"]["peak_MiB_per_img"] / ours[leanest]
-            print(f"{case}: SpikingJelly memopt peak / {leanest} peak = {ratio:.2f}")
+        memopt = {k: r["peak_MiB_per_img"] for k, r in rows.items() if k.startswith("spikingjelly memopt")}
+        if ours and memopt:
+            leanest, theirs = min(ours, key=ours.get), min(memopt, key=memopt.get)
+            ratio = memopt[theirs] / ours[leanest]
+            print(f"{case}: SpikingJelly {theirs.split(maxsplit=1)[1]} peak / {leanest} peak = {ratio:.2f}")
             worst = ratio if worst is None else min(worst, ratio)
     print(f"activation_peak_ratio_vs_spikingjelly_memopt={worst if worst is not None else float('nan'):.3f}")
 
