@@ -6,11 +6,11 @@
 # machine with PyPI: spikingjelly, loguru, and an ffcv wheel with its libraries) when present.
 # Then: pytest -m gpu, bench/step.py (every case against SpikingJelly, plain and compiled, every
 # memory mode, the fused Triton BN + LIF against the modules), bench/memory.py (activation peak of
-# every memory mode against SpikingJelly and its memopt), bench/lif.py (T=4, N=2^24, bf16, against
-# SpikingJelly's Triton and CuPy backends), bench/train_step.py (preact ResNet-34, T=4, bf16,
-# batch 64, 224 px) and bench/max_batch.py (the largest preact ResNet-34 batch at T=4 that fits on
-# the card: fullrange default and spikes_1bit+2 against SpikingJelly's default). Budget: at most
-# 9.7 minutes after setup (never measured on a GPU yet).
+# every memory mode against SpikingJelly and its memopt at levels 1 and 4), bench/lif.py (T=4,
+# N=2^24, bf16, against SpikingJelly's Triton and CuPy backends), bench/train_step.py (preact
+# ResNet-34, T=4, bf16, batch 64, 224 px) and bench/max_batch.py (the largest preact ResNet-34
+# batch at T=4 that fits in 20 GiB of the card: fullrange default and spikes_1bit+2 against
+# SpikingJelly's default). Budget: at most 9.7 minutes after setup (never measured on a GPU yet).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 OUT_DIR="${OUT:-$PWD/gpu_check}"
@@ -33,14 +33,18 @@ status=0
 # Most important first; the timeouts add up to 580 s, so the whole check fits one 10-minute call.
 timeout 140 python -m pytest -m gpu tests -q -rs --junitxml="$OUT_DIR/gpu_tests.xml" 2>&1 \
     | tee "$OUT_DIR/gpu_tests.log" | tail -n 25 || status=1
-timeout 150 python bench/step.py --repeats 5 2>&1 | tee "$OUT_DIR/bench_step_vs_sj.log" | tail -n 12
+# the ImageNet case first: each case compiles two students with inductor, and a case that finished
+# is in the log even if the timeout stops a later one
+timeout 150 python bench/step.py --cases preact34,resnet19,demo --repeats 5 2>&1 \
+    | tee "$OUT_DIR/bench_step_vs_sj.log" | tail -n 12
 # memory: one fresh process per (case, variant), 12 here; the demo is too small to say much on a GPU
 timeout 90 python bench/memory.py --cases resnet19,preact34 2>&1 | tee "$OUT_DIR/bench_memory.log" | tail -n 20
 timeout 60 python bench/lif.py --n 16777216 --t 4 --dtype bfloat16 2>&1 | tee "$OUT_DIR/bench_lif.log" | tail -n 30
 timeout 40 python bench/train_step.py --model spiking_preact_resnet34 --T 4 --batch 64 --size 224 2>&1 \
     | tee "$OUT_DIR/bench_step.log" | tail -n 3
+# within 20 GiB (a 24 GB card's share; the whole card's batches take minutes of steps to search)
 timeout 100 python bench/max_batch.py --case preact34 --impls "fullrange,fullrange spikes_1bit+2,spikingjelly" \
-    --tolerance 0.05 2>&1 | tee "$OUT_DIR/bench_max_batch.log" | tail -n 5
+    --budget-gib 20 --probe-batch 8 --tolerance 0.05 2>&1 | tee "$OUT_DIR/bench_max_batch.log" | tail -n 5
 
 python - "$OUT_DIR" <<'PY'
 import json, re, sys
