@@ -60,7 +60,7 @@ def build_step(case_name: str, impl: str, device: torch.device, batch: int | Non
     if batch is not None:
         case["batch"] = case["gpu_batch"] = batch
     mode = impl.split()[1] if impl.startswith("fullrange ") and impl not in VARIANTS else "default"
-    steps = make_steps(case, device, compile_sj=False, memory_modes=(mode,))
+    steps = make_steps(case, device, compile_sj=False, memory_modes=(mode,), peers=impl.startswith("spikingjelly"))
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
     if impl.startswith("fullrange"):
         step = steps["fullrange" if impl in VARIANTS else impl]

@@ -45,7 +45,6 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from memory_probe import peak_above  # noqa: E402
-from sj_models import parity, sj_twin  # noqa: E402
 
 from fullrange.config import OptimConfig  # noqa: E402
 from fullrange.losses import full_range_loss  # noqa: E402
@@ -86,11 +85,13 @@ def _fullrange_step(model, x, y, z_a, T):
 
 
 def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=("default",),
-               compile_ours: bool = False, kernel_variants: bool = False) -> dict:
+               compile_ours: bool = False, kernel_variants: bool = False, peers: bool = True) -> dict:
     """name -> a callable running one training step; all on the same weights and batch. Each has
     .model, .x (its input batch) and .forward() (the model's forward alone). fullrange runs once
     per memory mode ("fullrange", "fullrange spikes_1bit", ...), and optionally compiled
-    ("fullrange+compile") and with the LIF on the plain torch backend ("fullrange lif=torch")."""
+    ("fullrange+compile") and with the LIF on the plain torch backend ("fullrange lif=torch").
+    With peers (it needs spikingjelly), SpikingJelly's build of the network too ("spikingjelly",
+    ...)."""
     g = torch.Generator().manual_seed(0)
     B = case.get("gpu_batch", case["batch"]) if device.type == "cuda" else case["batch"]
     x = torch.randn(B, case["channels"], case["size"], case["size"], generator=g).to(device)
@@ -98,8 +99,6 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
     z_a = (torch.randn(B, case["classes"], generator=g) * 3).to(device)
     torch.manual_seed(0)
     ours = build_model(case["model"], case["classes"], case["channels"]).to(device)
-    twin = sj_twin(case["model"], case["classes"], case["channels"]).to(device)
-    assert parity(ours, twin, x[:2], case["T"]) < 1e-3, "the SpikingJelly twin is not the same network"
     x_ours = x
     if case["channels_last"]:
         ours, x_ours = ours.to(memory_format=torch.channels_last), x.contiguous(memory_format=torch.channels_last)
@@ -124,6 +123,13 @@ def make_steps(case: dict, device: torch.device, compile_sj: bool, memory_modes=
             if isinstance(m, LIF):
                 m.backend = "torch"  # neuron.backend: torch
         steps["fullrange unfused+lif=torch"] = _fullrange_step(unfused, x_ours, y, z_a, T)
+    if not peers:
+        return steps
+    from sj_models import parity, sj_twin
+
+    twin = sj_twin(case["model"], case["classes"], case["channels"]).to(device)
+    assert parity(ours, twin, x[:2], case["T"]) < 1e-3, "the SpikingJelly twin is not the same network"
+
     def sj_step(model, compiled=False, channels_last=False):
         opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
         x_sj = x
