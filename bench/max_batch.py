@@ -24,7 +24,6 @@ import argparse
 import gc
 import json
 import math
-import subprocess
 import sys
 from pathlib import Path
 from typing import Callable, Optional
@@ -34,7 +33,7 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
-from memory import CUDA_IMPLS, IMPLS, MEASURE_ENV, build_step  # noqa: E402
+from memory import CUDA_IMPLS, IMPLS, build_step, fresh_process_result  # noqa: E402
 from memory_probe import memory_around  # noqa: E402
 from step import CASES  # noqa: E402
 
@@ -73,18 +72,18 @@ def search(case_name: str, impl: str, budget: Optional[int], probe_batch: int, t
     probes = []  # [batch, fits, peak MiB]
 
     def fits(batch: int) -> bool:
-        step, peak = None, math.nan
+        step = None
         try:
             step, _, _ = build_step(case_name, impl, device, batch)
             _, peak, _ = memory_around(lambda: (step(), step()), device)
-        except torch.OutOfMemoryError:
-            pass
+            ok = peak <= budget
+        except torch.OutOfMemoryError:  # CUDA: this batch does not fit
+            ok, peak = False, math.nan
         finally:
             del step
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
-        ok = not math.isnan(peak) and peak <= budget
         probes.append([batch, ok, peak / 2**20])
         return ok
 
@@ -93,12 +92,9 @@ def search(case_name: str, impl: str, budget: Optional[int], probe_batch: int, t
     per_image = (p2 - p1) / probe_batch  # MiB
     fixed = p1 - per_image * probe_batch
     predicted = int((budget / 2**20 - fixed) / per_image) if small and large and per_image > 0 else None
-    if large:
-        best = largest_fitting(fits, predicted or 4 * probe_batch, lo=2 * probe_batch, tolerance=tolerance)
-    elif small:
-        best = largest_fitting(fits, probe_batch + 1, lo=probe_batch, hi=2 * probe_batch, tolerance=tolerance)
-    else:
-        best = largest_fitting(fits, probe_batch // 2, lo=0, hi=probe_batch, tolerance=tolerance)
+    lo = 2 * probe_batch if large else probe_batch if small else 0  # the largest known to fit
+    hi = None if large else probe_batch * (2 if small else 1)  # the smallest known not to
+    best = largest_fitting(fits, predicted or 4 * probe_batch, lo=lo, hi=hi, tolerance=tolerance)
     return {"case": case_name, "impl": impl, "device": str(device), "budget_MiB": budget / 2**20,
             "per_image_MiB": per_image, "fixed_MiB": fixed, "predicted": predicted, "max_batch": best,
             "probes": probes}
@@ -133,13 +129,10 @@ def main(argv=None) -> None:
              f"--threads={args.threads}"] + ([f"--budget-gib={args.budget_gib}"] if budget is not None else [])
     rows = {}
     for impl in impls:
-        done = subprocess.run([sys.executable, __file__, "--one", impl, *flags], capture_output=True, text=True,
-                              env=MEASURE_ENV)
-        line = [x for x in done.stdout.splitlines() if x.startswith("MAXB ")]
-        if done.returncode or not line:
-            print(f"{args.case}/{impl}: failed\n{done.stderr[-2000:]}", flush=True)
+        r = fresh_process_result([__file__, "--one", impl, *flags], "MAXB", f"{args.case}/{impl}")
+        if r is None:
             continue
-        r = rows[impl] = json.loads(line[-1][5:])
+        rows[impl] = r
         print(f"{args.case} {impl:24s} largest batch {r['max_batch']:6d} (the line predicted {r['predicted']}: "
               f"{r['fixed_MiB']:.0f} MiB + {r['per_image_MiB']:.2f} MiB/img; budget {r['budget_MiB']:.0f} MiB on "
               f"{r['device']}; probes {[(b, ok) for b, ok, _ in r['probes']]})", flush=True)

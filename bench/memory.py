@@ -91,15 +91,21 @@ def measure(case_name: str, impl: str) -> dict:
             "peak_MiB_per_img": peak / B, "batch": B}
 
 
+def fresh_process_result(argv: list, tag: str, label: str) -> dict | None:
+    """The JSON that `python *argv`, run in a fresh process with MEASURE_ENV, printed after
+    `tag ` (its last such line); None, with the process's stderr printed under label, when it
+    failed."""
+    done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=MEASURE_ENV)
+    lines = [x for x in done.stdout.splitlines() if x.startswith(tag + " ")]
+    if done.returncode or not lines:
+        print(f"{label}: failed\n{done.stderr[-2000:]}", flush=True)
+        return None
+    return json.loads(lines[-1][len(tag) + 1:])
+
+
 def measure_in_fresh_process(case: str, impl: str, threads: int) -> dict | None:
     """measure() in a fresh process (the CPU's resident set belongs to the process); None when it failed."""
-    done = subprocess.run([sys.executable, __file__, "--one", case, impl, "--threads", str(threads)],
-                          capture_output=True, text=True, env=MEASURE_ENV)
-    line = [x for x in done.stdout.splitlines() if x.startswith("MEM ")]
-    if done.returncode or not line:
-        print(f"{case}/{impl}: failed\n{done.stderr[-2000:]}")
-        return None
-    return json.loads(line[-1][4:])
+    return fresh_process_result([__file__, "--one", case, impl, "--threads", str(threads)], "MEM", f"{case}/{impl}")
 
 
 def measure_on_cuda(case: str, impl: str) -> dict | None:

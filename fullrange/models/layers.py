@@ -189,9 +189,9 @@ class NeuronUnits(MemoryModes):
         (batch_norm_over_time) and the LIF reads its output [B] at every step
         (MergedLIF.forward_constant): in training through TimeInvariantUnit, which keeps only c,
         in every memory mode (in spikes_1bit, given made_by = (conv, image) with c = conv(image),
-        only the image: the conv runs again in the backward); without autograd directly. Under torch.compile, or with a BatchNorm
-        that TimeInvariantUnit does not serve, the LIF runs on the repeated output (autograd; in
-        spikes_1bit recomputed from c)."""
+        only the image: the conv runs again in the backward); without autograd directly. Under
+        torch.compile, or with a BatchNorm that TimeInvariantUnit does not serve, the LIF runs
+        on the repeated output (autograd; in spikes_1bit recomputed from c)."""
         eager = not torch.compiler.is_compiling()
         if eager and TimeInvariantUnit.serves(bn) and torch.is_grad_enabled():
             return TimeInvariantUnit.apply(c, bn, lif, T, made_by if self.memory == "spikes_1bit" else None,
